@@ -1,0 +1,67 @@
+"""Django adapter: ``path("webhooks/flymy", view(receiver))`` (``aview`` under ASGI).
+
+Both views are CSRF-exempt (a webhook carries a signature, not a CSRF token) and read the
+raw request stream, bounded by ``max_body_size``. They never touch ``request.body`` or
+``request.POST``, so Django's ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (2.5 MB by default) neither
+caps genuine large outputs nor turns the receiver's 413 into Django's 400: the receiver's
+``max_body_size`` is the one limit that applies to this view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+try:
+    from django.http import HttpRequest, HttpResponse
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "flymy_receiver.django needs Django: pip install 'flymy-receiver[django]'"
+    ) from exc
+
+from .bodies import read_limited
+from .receiver import Receiver, Response
+
+__all__ = ["aview", "view"]
+
+_View = TypeVar("_View", bound=Callable[..., object])
+
+
+def view(receiver: Receiver) -> Callable[[HttpRequest], HttpResponse]:
+    """A sync view (WSGI, or ASGI through Django's thread); async handlers still work."""
+
+    def webhook(request: HttpRequest) -> HttpResponse:
+        headers = request.headers
+        response = receiver.precheck(headers, request.method or "")
+        if response is None:
+            body = read_limited(request.read, receiver.max_body_size)
+            response = receiver.handle(body, headers, request.method or "")
+        return _to_django(response)
+
+    return _csrf_exempt(webhook)
+
+
+def aview(receiver: Receiver) -> Callable[[HttpRequest], Awaitable[HttpResponse]]:
+    """An async view for Django under ASGI: sync handlers run in a worker thread."""
+
+    async def webhook(request: HttpRequest) -> HttpResponse:
+        headers = request.headers
+        response = receiver.precheck(headers, request.method or "")
+        if response is None:
+            # Django's ASGI handler has already spooled the body; this read does not block.
+            body = read_limited(request.read, receiver.max_body_size)
+            response = await receiver.ahandle(body, headers, request.method or "")
+        return _to_django(response)
+
+    return _csrf_exempt(webhook)
+
+
+def _to_django(response: Response) -> HttpResponse:
+    return HttpResponse(response.body, status=response.status, headers=dict(response.headers))
+
+
+def _csrf_exempt(view: _View) -> _View:
+    # What django.views.decorators.csrf.csrf_exempt sets, without a wrapper that would hide
+    # the view's type (and, before Django 5, its async-ness).
+    view.csrf_exempt = True  # type: ignore[attr-defined]
+    return view

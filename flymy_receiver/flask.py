@@ -1,0 +1,50 @@
+"""Flask adapter: ``app.register_blueprint(blueprint(receiver, url="/webhooks/flymy"))``.
+
+Translation only: the raw body is read (bounded) and handed with the headers to
+:meth:`Receiver.handle`, whose :class:`Response` becomes Flask's. Async handlers run in a
+fresh event loop per delivery. If Flask-WTF's ``CSRFProtect`` is on the app, the blueprint
+exempts itself: a webhook carries a signature, not a CSRF token.
+"""
+
+from __future__ import annotations
+
+try:
+    import flask
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "flymy_receiver.flask needs Flask: pip install 'flymy-receiver[flask]'"
+    ) from exc
+
+from .bodies import read_limited
+from .receiver import Receiver
+
+__all__ = ["blueprint"]
+
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def blueprint(
+    receiver: Receiver, url: str = "/webhooks/flymy", *, name: str = "flymy_receiver"
+) -> flask.Blueprint:
+    """A blueprint with one endpoint at ``url`` answering every method via ``receiver``."""
+    bp = flask.Blueprint(name, __name__)
+
+    # Every method reaches the receiver, so a GET gets the same 405 as on every framework.
+    @bp.route(url, methods=_METHODS, provide_automatic_options=False)
+    def webhook() -> flask.Response:
+        request = flask.request
+        headers = request.headers
+        response = receiver.precheck(headers, request.method)
+        if response is None:
+            # The raw stream, never get_json()/form: the signature covers these exact bytes.
+            body = read_limited(request.stream.read, receiver.max_body_size)
+            response = receiver.handle(body, headers, request.method)
+        return flask.Response(response.body, response.status, dict(response.headers))
+
+    @bp.record_once
+    def exempt_from_csrf(state: flask.blueprints.BlueprintSetupState) -> None:
+        csrf = state.app.extensions.get("csrf")
+        if csrf is not None and hasattr(csrf, "exempt"):
+            csrf.exempt(bp)
+
+    return bp

@@ -1,0 +1,463 @@
+"""The sans-I/O receiver: bytes and headers in, a :class:`Response` out.
+
+This module performs no I/O of its own and imports no web framework. The only I/O a delivery
+causes is through the idempotency store it is given and the handlers it runs. Adapters read
+the raw body, call :meth:`Receiver.handle` or :meth:`Receiver.ahandle`, and translate the
+:class:`Response` back; every decision about a status code is made here, once.
+
+A delivery is a plan of steps (a generator of actions) that two small drivers run: one with
+plain calls, one that awaits async handlers and moves blocking work off the event loop. The
+plan is written once, so both paths answer every case alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+
+from . import events as _events
+from .errors import (
+    EventInFlight,
+    HandlerFailed,
+    InvalidSignature,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    StaleEvent,
+    StoreUnavailable,
+    UnsupportedEncoding,
+    WebhookError,
+)
+from .events import RunCompleted, RunFailed, UnknownEvent
+from .routing import Handler, OutputMismatch, Router
+from .signature import (
+    SIGNATURE_HEADER,
+    Secrets,
+    explain_mismatch,
+    match_signature,
+    normalize_secrets,
+    signature_candidates,
+)
+from .stores.base import Claim, ClaimState, Store
+from .stores.memory import MemoryStore
+
+__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BODY_SIZE", "Receiver", "Response"]
+
+logger = logging.getLogger("flymy_receiver")
+
+#: 5 MiB: ample for agent outputs, small enough that a flood of bodies cannot exhaust memory.
+DEFAULT_MAX_BODY_SIZE = 5 * 1024 * 1024
+#: The platform signs only the body, so a retry carries the original timestamp: the window
+#: must outlast the sender's whole retry schedule. Three days is the longest common schedule.
+DEFAULT_MAX_AGE = timedelta(days=3)
+DEFAULT_MAX_CLOCK_SKEW = timedelta(minutes=5)
+DEFAULT_LEASE = timedelta(minutes=5)
+
+Headers = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]
+AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
+
+_JSON = {"Content-Type": "application/json"}
+_SIGNATURE_HEADER_LOWER = SIGNATURE_HEADER.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What to answer the sender: a status, a JSON body and headers."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str] = field(default_factory=lambda: dict(_JSON))
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+_RECEIVED = Response(200, b'{"received":true}', _JSON)
+_DUPLICATE = Response(200, b'{"received":true,"duplicate":true}', _JSON)
+
+
+def _refusal(error: WebhookError, retry_after: float | None = None) -> Response:
+    headers = dict(_JSON)
+    if isinstance(error, MethodNotAllowed):
+        headers["Allow"] = "POST"
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+    message = error.public_message
+    if error.status == 400 and error.detail:
+        message = f"{message}: {error.detail}"  # field names only, never input values
+    body = b'{"error":' + orjson.dumps(message) + b"}"
+    return Response(error.status, body, headers)
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """An authentic, parsed event on its way to its handlers."""
+
+    event: AnyEvent
+    raw: Any
+    key: str
+    handlers: list[Handler]
+
+
+@dataclass(slots=True)
+class _StoreCall:
+    """A step of the plan: call the store (may block on I/O)."""
+
+    call: Callable[..., Any]
+    args: tuple[Any, ...]
+
+
+@dataclass(slots=True)
+class _HandlerCall:
+    """A step of the plan: run one handler with the event it wants."""
+
+    handler: Handler
+    event: Any
+
+
+_Action = _StoreCall | _HandlerCall
+
+
+class Receiver(Router):
+    """Verifies, parses and dispatches FlyMy.AI webhook deliveries.
+
+    ``secret`` is one secret or a list (newest first) while rotating; ``None`` reads
+    ``FLYMY_WEBHOOK_SECRET``. ``store`` remembers handled events (default: a
+    :class:`~flymy_receiver.stores.MemoryStore` for one process). ``max_age`` is the replay
+    window on the signed ``timestamp`` (``None`` turns it off); ``max_clock_skew`` how far in
+    the future a timestamp may be. ``lease`` is how long a claim lasts if its worker dies: keep
+    it longer than your slowest handler. ``retention`` is how long handled events are
+    remembered (default: the replay window plus the skew, so a replay is always caught).
+    ``idempotency_key`` maps an event to its key (default ``"{event}:{run_id}"``).
+    """
+
+    def __init__(
+        self,
+        secret: Secrets | None = None,
+        *,
+        store: Store | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_age: timedelta | None = DEFAULT_MAX_AGE,
+        max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
+        lease: timedelta = DEFAULT_LEASE,
+        retention: timedelta | None = None,
+        idempotency_key: Callable[[Any], str] | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        super().__init__()
+        self._keys = normalize_secrets(secret)
+        if max_body_size < 1:
+            raise ValueError("max_body_size must be positive")
+        if lease <= timedelta(0):
+            raise ValueError("lease must be positive")
+        self.store: Store = store if store is not None else MemoryStore()
+        self.max_body_size = max_body_size
+        self.max_age = max_age
+        self.max_clock_skew = max_clock_skew
+        self.lease = lease
+        if retention is None:
+            retention = (max_age + max_clock_skew) if max_age is not None else DEFAULT_MAX_AGE
+        self.retention = retention
+        self._idempotency_key = idempotency_key
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._lease_s = lease.total_seconds()
+        self._retention_s = retention.total_seconds()
+
+    def __repr__(self) -> str:
+        return (
+            f"Receiver(secrets={len(self._keys)}, store={type(self.store).__name__}, "
+            f"max_body_size={self.max_body_size}, max_age={self.max_age})"
+        )
+
+    # -- public entry points ------------------------------------------------------------
+
+    def handle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
+        """Answer one delivery: verify, parse, dispatch to handlers, say which status."""
+        delivery = self._accept(body, headers, method)
+        if isinstance(delivery, Response):
+            return delivery
+        plan = self._deliver(delivery)
+        action = next(plan)
+        while True:
+            try:
+                if isinstance(action, _StoreCall):
+                    result = action.call(*action.args)
+                elif action.handler.is_async:
+                    result = _run_coroutine(action.handler.func(action.event))
+                else:
+                    result = action.handler.func(action.event)
+            except Exception as exc:  # handed to the plan, which decides
+                try:
+                    action = plan.throw(exc)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                continue
+            try:
+                action = plan.send(result)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+    async def ahandle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
+        """The async twin of :meth:`handle`: awaits async handlers, runs sync handlers and
+        blocking store calls in a worker thread so the event loop never stalls."""
+        delivery = self._accept(body, headers, method)
+        if isinstance(delivery, Response):
+            return delivery
+        plan = self._deliver(delivery)
+        action = next(plan)
+        offload_store = getattr(self.store, "blocking", True)
+        while True:
+            try:
+                if isinstance(action, _StoreCall):
+                    call, args = action.call, action.args
+                    result = await asyncio.to_thread(call, *args) if offload_store else call(*args)
+                elif action.handler.is_async:
+                    result = await action.handler.func(action.event)
+                else:
+                    result = await asyncio.to_thread(action.handler.func, action.event)
+            except Exception as exc:  # handed to the plan, which decides
+                try:
+                    action = plan.throw(exc)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                continue
+            try:
+                action = plan.send(result)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+
+    def precheck(self, headers: Headers, method: str = "POST") -> Response | None:
+        """The answer to give before reading the body, or ``None`` to go on reading.
+
+        Adapters call this first so that a wrong method, an encoding or a ``Content-Length``
+        over ``max_body_size`` is refused without reading a byte of the body.
+        """
+        try:
+            self._check_request(headers, method)
+        except WebhookError as exc:
+            _log_refusal(exc, None)
+            return _refusal(exc)
+        return None
+
+    def verify(self, body: bytes, headers: Headers) -> int:
+        """Check the signature only; return the index of the secret that matched.
+
+        Raises :class:`~flymy_receiver.errors.InvalidSignature`.
+        """
+        values, _, _ = _read_headers(headers)
+        return match_signature(body, signature_candidates(values), self._keys)
+
+    def dispatch(self, event: AnyEvent) -> None:
+        """Run the handlers of an already-parsed event now, raising what they raise.
+
+        For unit tests of handlers: no HTTP, no signature, no idempotency store.
+        """
+        raw = event.model_dump(mode="json")
+        for handler in self.handlers_for(event):
+            typed = handler.typed_event(event, raw)
+            if handler.is_async:
+                _run_coroutine(handler.func(typed))
+            else:
+                handler.func(typed)
+
+    async def adispatch(self, event: AnyEvent) -> None:
+        """The async twin of :meth:`dispatch`."""
+        raw = event.model_dump(mode="json")
+        for handler in self.handlers_for(event):
+            typed = handler.typed_event(event, raw)
+            result = handler.func(typed)
+            if isinstance(result, Awaitable):
+                await result
+
+    # -- the plan -----------------------------------------------------------------------
+
+    def _accept(self, body: bytes, headers: Headers, method: str) -> _Delivery | Response:
+        """Every check that needs no store: method, encoding, size, signature, envelope."""
+        event: AnyEvent | None = None
+        try:
+            signatures = self._check_request(headers, method)
+            if len(body) > self.max_body_size:
+                raise PayloadTooLarge(f"{len(body)} bytes")
+            candidates = signature_candidates(signatures)
+            try:
+                match_signature(body, candidates, self._keys)
+            except InvalidSignature as exc:
+                exc.detail = explain_mismatch(body, self._keys, candidates)
+                raise
+            event, raw = _events.parse_event(body)
+            self._check_window(event)
+        except WebhookError as exc:
+            _log_refusal(exc, event)
+            return _refusal(exc)
+        handlers = self.handlers_for(event)
+        if not handlers:
+            logger.debug("no handler for %s (run %s)", event.event, _run_id(event))
+            return _RECEIVED
+        return _Delivery(event, raw, self._key_for(event, body), handlers)
+
+    def _check_request(self, headers: Headers, method: str) -> list[str | bytes]:
+        """Method, encoding and declared length; returns the signature header lines."""
+        if method.upper() != "POST":
+            raise MethodNotAllowed(f"method {method[:16]!r}")
+        signatures, encoding, length = _read_headers(headers)
+        if encoding:
+            raise UnsupportedEncoding(f"content-encoding {encoding[:32]!r}")
+        if length is not None and length > self.max_body_size:
+            raise PayloadTooLarge(f"content-length {length}")
+        return signatures
+
+    def _deliver(self, d: _Delivery) -> Generator[_Action, Any, Response]:
+        """Claim the event, run the handlers that have not succeeded yet, record the result."""
+        store = self.store
+        try:
+            claim: Claim = yield _StoreCall(store.claim, (d.key, self._lease_s))
+        except Exception as exc:
+            return self._store_failed(exc, d, "claim")
+        if claim.state is ClaimState.DONE:
+            logger.info("duplicate of %s (run %s) acknowledged", d.event.event, _run_id(d.event))
+            return _DUPLICATE
+        if claim.state is ClaimState.BUSY:
+            error = EventInFlight(f"key {d.key!r}")
+            _log_refusal(error, d.event, level=logging.INFO)
+            return _refusal(error, retry_after=min(claim.retry_after, 60.0))
+        for handler in d.handlers:
+            if handler.id in claim.done_handlers:
+                continue
+            try:
+                typed = handler.typed_event(d.event, d.raw)
+                yield _HandlerCall(handler, typed)
+            except Exception as exc:
+                self._log_handler_failure(handler, d, exc)
+                try:
+                    yield _StoreCall(store.release, (d.key, claim.token))
+                except Exception as release_exc:  # the lease will expire on its own
+                    logger.warning("could not release the claim on %s: %r", d.key, release_exc)
+                return _refusal(HandlerFailed())
+            if len(d.handlers) > 1:
+                try:
+                    yield _StoreCall(
+                        store.mark_handler_done, (d.key, claim.token, handler.id, self._retention_s)
+                    )
+                except Exception as exc:
+                    return self._store_failed(exc, d, "record a handler of")
+        try:
+            yield _StoreCall(store.complete, (d.key, claim.token, self._retention_s))
+        except Exception as exc:
+            return self._store_failed(exc, d, "record")
+        return _RECEIVED
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def _check_window(self, event: AnyEvent) -> None:
+        if self.max_age is None:
+            return
+        now = self._clock()
+        if now - event.timestamp > self.max_age:
+            raise StaleEvent(f"timestamp older than {self.max_age}", code="too_old")
+        if event.timestamp - now > self.max_clock_skew:
+            raise StaleEvent("timestamp in the future", code="from_the_future")
+
+    def _key_for(self, event: AnyEvent, body: bytes) -> str:
+        if self._idempotency_key is not None:
+            return str(self._idempotency_key(event))
+        run_id = _run_id(event)
+        if run_id is None:  # an unknown event without a run id: its exact bytes identify it
+            return f"{event.event}:sha256:{hashlib.sha256(body).hexdigest()}"
+        return f"{event.event}:{run_id}"
+
+    def _store_failed(self, exc: Exception, d: _Delivery, doing: str) -> Response:
+        error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(repr(exc))
+        logger.error(
+            "idempotency store failed to %s %s (run %s): %s",
+            doing,
+            d.event.event,
+            _run_id(d.event),
+            error.detail or type(exc).__name__,
+        )
+        return _refusal(error, retry_after=5)
+
+    def _log_handler_failure(self, handler: Handler, d: _Delivery, exc: Exception) -> None:
+        extra: dict[str, Any] = {
+            "flymy_event": d.event.event,
+            "flymy_run_id": _run_id(d.event),
+            "flymy_handler": handler.id,
+        }
+        if isinstance(exc, OutputMismatch):
+            extra["flymy_output"] = d.raw.get("data", {}).get("output")
+            logger.error("handler %s not run: %s", handler.id, exc, extra=extra)
+            return
+        logger.error(
+            "handler %s failed for %s (run %s)",
+            handler.id,
+            d.event.event,
+            _run_id(d.event),
+            exc_info=exc,
+            extra=extra,
+        )
+
+
+def _read_headers(headers: Headers) -> tuple[list[str | bytes], str, int | None]:
+    """The signature lines, the content encoding (``""`` for identity) and the length."""
+    signatures: list[str | bytes] = []
+    encoding = ""
+    length: int | None = None
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    for name, value in items:
+        lowered = (name.decode("latin-1") if isinstance(name, bytes) else name).lower()
+        if lowered == _SIGNATURE_HEADER_LOWER:
+            signatures.append(value)
+        elif lowered == "content-encoding":
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            text = text.strip().lower()
+            if text not in ("", "identity"):
+                encoding = text
+        elif lowered == "content-length":
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            text = text.strip()
+            if text.isdigit() and text.isascii():
+                length = int(text[:20])
+    return signatures, encoding, length
+
+
+def _run_id(event: AnyEvent | None) -> str | None:
+    if event is None:
+        return None
+    if isinstance(event, UnknownEvent):
+        return event.run_id
+    return event.data.run_id
+
+
+def _log_refusal(error: WebhookError, event: AnyEvent | None, level: int = logging.WARNING) -> None:
+    logger.log(
+        level,
+        "refused delivery: reason=%s status=%d event=%s run_id=%s%s",
+        error.code,
+        error.status,
+        event.event if event is not None else "-",
+        _run_id(event) or "-",
+        f" ({error.detail})" if error.detail else "",
+        extra={"flymy_reason": error.code, "flymy_status": error.status},
+    )
+
+
+_THREAD_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _run_coroutine(coroutine: Any) -> Any:
+    """Run an async handler from sync code, even when this thread already runs a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    global _THREAD_POOL
+    if _THREAD_POOL is None:
+        _THREAD_POOL = concurrent.futures.ThreadPoolExecutor(4, "flymy-async-handler")
+    return _THREAD_POOL.submit(asyncio.run, coroutine).result()

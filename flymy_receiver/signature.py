@@ -1,0 +1,214 @@
+"""Signing and verifying the ``X-FlyMyAI-Signature`` header.
+
+The platform sends the lowercase hex of ``HMAC-SHA256(secret, raw_body)``. Verification works
+on the exact bytes received and never on a re-serialised body. Every malformed header is an
+:class:`~flymy_receiver.errors.InvalidSignature`, never another exception.
+
+Tolerated on purpose (documented in the README): upper or mixed case hex, surrounding
+whitespace (spaces, tabs, CR, LF), a ``sha256=`` prefix, and several candidates either as
+repeated header lines or joined by commas, up to :data:`MAX_CANDIDATES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+from .errors import ConfigurationError, InvalidSignature
+
+__all__ = [
+    "MAX_CANDIDATES",
+    "SECRET_ENV_VAR",
+    "SIGNATURE_HEADER",
+    "explain_mismatch",
+    "match_signature",
+    "normalize_secrets",
+    "sign",
+    "signature_candidates",
+    "verify_signature",
+]
+
+logger = logging.getLogger("flymy_receiver")
+
+SIGNATURE_HEADER = "X-FlyMyAI-Signature"
+SECRET_ENV_VAR = "FLYMY_WEBHOOK_SECRET"  # noqa: S105 - a variable name, not a secret
+#: At most this many candidate signatures are compared; more is refused.
+MAX_CANDIDATES = 5
+#: Header values longer than this (all lines together) are refused before any parsing.
+MAX_HEADER_LENGTH = 1024
+
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_WHITESPACE = " \t\r\n"
+
+SecretInput = str | bytes
+Secrets = SecretInput | Sequence[SecretInput]
+
+
+def sign(body: bytes, secret: str | bytes) -> str:
+    """Return the header value the platform sends for ``body``: lowercase hex HMAC-SHA256."""
+    key = secret.encode() if isinstance(secret, str) else secret
+    if not key:
+        raise ConfigurationError("secret must not be empty")
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def normalize_secrets(
+    secret: Secrets | None, environ: Mapping[str, str] | None = None
+) -> tuple[bytes, ...]:
+    """Turn the ``secret`` argument into HMAC keys, newest first.
+
+    ``None`` reads :data:`SECRET_ENV_VAR`. Surrounding whitespace (a newline pasted from an
+    env file) is stripped with a warning. An empty secret is a :class:`ConfigurationError`:
+    no request is ever checked against an empty key.
+    """
+    if secret is None:
+        secret = (os.environ if environ is None else environ).get(SECRET_ENV_VAR)
+        if secret is None:
+            raise ConfigurationError(f"no webhook secret: pass secret=... or set {SECRET_ENV_VAR}")
+    items: Sequence[SecretInput] = [secret] if isinstance(secret, (str, bytes)) else list(secret)
+    if not items:
+        raise ConfigurationError("at least one webhook secret is required")
+    keys: list[bytes] = []
+    for position, item in enumerate(items):
+        if not isinstance(item, (str, bytes)):
+            raise ConfigurationError("webhook secrets must be str or bytes")
+        raw = item.encode() if isinstance(item, str) else item
+        key = raw.strip(_WHITESPACE.encode())
+        if key != raw:
+            logger.warning(
+                "webhook secret #%d had surrounding whitespace; it was stripped", position
+            )
+        if not key:
+            raise ConfigurationError("webhook secret must not be empty")
+        keys.append(key)
+    return tuple(keys)
+
+
+def signature_candidates(values: Iterable[str | bytes]) -> list[bytes]:
+    """Parse header values into candidate digests (lowercase ASCII hex, 64 chars each).
+
+    Raises :class:`InvalidSignature` for a missing, oversized, non-ASCII or malformed header.
+    """
+    parts: list[str] = []
+    total = 0
+    for value in values:
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("ascii")
+            except UnicodeDecodeError:
+                raise InvalidSignature(
+                    "non-ASCII signature header", code="malformed_signature"
+                ) from None
+        total += len(value)
+        if total > MAX_HEADER_LENGTH:
+            raise InvalidSignature("signature header too long", code="malformed_signature")
+        if not value.isascii():
+            raise InvalidSignature("non-ASCII signature header", code="malformed_signature")
+        parts.extend(value.split(","))
+    candidates: list[bytes] = []
+    seen_any = False
+    for part in parts:
+        part = part.strip(_WHITESPACE)
+        if not part:
+            continue
+        seen_any = True
+        if part[:7].lower() == "sha256=":
+            part = part[7:].strip(_WHITESPACE)
+        if _HEX64.fullmatch(part) is None:
+            continue
+        candidates.append(part.lower().encode("ascii"))
+    if not seen_any:
+        raise InvalidSignature("missing signature header", code="missing_signature")
+    if not candidates:
+        raise InvalidSignature("malformed signature header", code="malformed_signature")
+    if len(candidates) > MAX_CANDIDATES:
+        raise InvalidSignature("too many signatures", code="malformed_signature")
+    return candidates
+
+
+def verify_signature(
+    body: bytes, signature: str | bytes | Iterable[str | bytes] | None, secrets: Secrets
+) -> int:
+    """Check ``signature`` (one header value, or every line of the header) against ``body``.
+
+    Returns the index of the secret that matched (0 is the newest), so a deployer can tell
+    when the old secret of a rotation is no longer used. Raises :class:`InvalidSignature`.
+    """
+    if signature is None:
+        raise InvalidSignature("missing signature header", code="missing_signature")
+    values = [signature] if isinstance(signature, (str, bytes)) else signature
+    return match_signature(body, signature_candidates(values), normalize_secrets(secrets))
+
+
+def match_signature(body: bytes, candidates: Sequence[bytes], keys: Sequence[bytes]) -> int:
+    """Compare parsed ``candidates`` with the HMAC of ``body`` under each key, in constant time.
+
+    Returns the index of the matching key; raises :class:`InvalidSignature` when none matches.
+    """
+    for index, key in enumerate(keys):
+        expected = hmac.new(key, body, hashlib.sha256).hexdigest().encode("ascii")
+        for candidate in candidates:
+            if hmac.compare_digest(expected, candidate):
+                return index
+    raise InvalidSignature("signature does not match", code="signature_mismatch")
+
+
+#: Hints are only computed for bodies up to this size, so forged requests stay cheap.
+_HINT_BODY_LIMIT = 64 * 1024
+
+
+def explain_mismatch(body: bytes, keys: Sequence[bytes], candidates: Sequence[bytes]) -> str:
+    """A likely cause for a signature that does not match, for logs and the CLI only.
+
+    Never includes the expected signature or the secret.
+    """
+    if not body:
+        return "the body is empty: did a middleware or the framework consume it first?"
+    hints: list[str] = []
+    if body.startswith(b"\xef\xbb\xbf"):
+        hints.append("the body starts with a UTF-8 BOM")
+    if body.endswith((b"\n", b"\r")):
+        hints.append("the body ends with a newline")
+    if len(body) <= _HINT_BODY_LIMIT:
+        forms = _reserialised_forms(body)
+        for form in forms:
+            for key in keys:
+                expected = hmac.new(key, form, hashlib.sha256).hexdigest().encode()
+                if any(hmac.compare_digest(expected, c) for c in candidates):
+                    return (
+                        "the signature matches a re-serialised copy of this JSON: something "
+                        "between the sender and the receiver re-encoded the body"
+                    )
+        if forms and body not in forms:
+            hints.append(
+                "the body is neither a compact nor a pretty JSON dump of itself: it may "
+                "have been re-serialised after signing"
+            )
+    if not hints:
+        hints.append("the body or the secret differs from what the sender signed")
+    return "; ".join(hints)
+
+
+def _reserialised_forms(body: bytes) -> list[bytes]:
+    try:
+        obj = json.loads(body.removeprefix(b"\xef\xbb\xbf"))
+    except (ValueError, RecursionError):
+        return []
+    forms = []
+    for kwargs in (
+        {"separators": (",", ":")},
+        {},
+        {"indent": 2},
+        {"separators": (",", ":"), "ensure_ascii": False},
+        {"ensure_ascii": False},
+    ):
+        try:
+            forms.append(json.dumps(obj, **kwargs).encode())
+        except (ValueError, RecursionError):  # pragma: no cover - loads succeeded
+            return []
+    return forms
