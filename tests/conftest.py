@@ -1,0 +1,48 @@
+"""Shared fixtures. Core tests must run with no web framework installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+SECRET = "whsec-test-secret"
+
+# In CI a missing optional dependency is a failure, never a silent skip.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(module: str) -> None:
+    """Skip when ``module`` is missing locally; fail loudly in CI."""
+    if importlib.util.find_spec(module) is None:
+        if IN_CI:
+            pytest.fail(f"{module} is required in CI but is not installed", pytrace=False)
+        pytest.skip(f"{module} is not installed")
+
+
+if importlib.util.find_spec("django") is not None:
+    import django
+    from django.conf import settings
+
+    if not settings.configured:
+        # One configuration for the whole test process; tests swap ROOT_URLCONF with
+        # django.test.override_settings(ROOT_URLCONF=<a class with urlpatterns>).
+        settings.configure(
+            DEBUG=False,
+            SECRET_KEY="tests-only-not-secret",
+            ALLOWED_HOSTS=["*"],
+            ROOT_URLCONF="tests.django_urls",
+            MIDDLEWARE=[
+                "django.middleware.common.CommonMiddleware",
+                "django.middleware.csrf.CsrfViewMiddleware",
+            ],
+            INSTALLED_APPS=[],
+            USE_TZ=True,
+        )
+        django.setup()
+
+
+@pytest.fixture
+def secret() -> str:
+    return SECRET
