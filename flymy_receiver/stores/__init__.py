@@ -6,7 +6,61 @@ machine; ``RedisStore`` many machines. All follow the contract in :mod:`.base`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .base import Claim, ClaimState, Store
 from .memory import MemoryStore
 
-__all__ = ["Claim", "ClaimState", "MemoryStore", "Store"]
+if TYPE_CHECKING:
+    from .redis import RedisStore
+    from .sqlite import SQLiteStore
+
+__all__ = [
+    "Claim",
+    "ClaimState",
+    "MemoryStore",
+    "RedisStore",
+    "SQLiteStore",
+    "Store",
+    "store_from_url",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so that the redis extra is only needed by those who use it.
+    if name == "SQLiteStore":
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore
+    if name == "RedisStore":
+        from .redis import RedisStore
+
+        return RedisStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def store_from_url(url: str) -> Store:
+    """Build a store from a URL, for configuration by environment variable.
+
+    ``memory://`` -> :class:`MemoryStore`; ``sqlite:///relative/path.sqlite3`` or
+    ``sqlite:////absolute/path.sqlite3`` -> :class:`SQLiteStore`; ``redis://...`` or
+    ``rediss://...`` -> :class:`RedisStore`.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a store URL (expected scheme://...): {url[:40]!r}")
+    scheme = scheme.lower()
+    if scheme == "memory":
+        return MemoryStore()
+    if scheme == "sqlite":
+        from .sqlite import SQLiteStore
+
+        path = rest[1:] if rest.startswith("/") else rest
+        if not path:
+            raise ValueError("sqlite store URL needs a path: sqlite:///deliveries.sqlite3")
+        return SQLiteStore(path)
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisStore
+
+        return RedisStore(url)
+    raise ValueError(f"unknown store scheme {scheme!r}: use memory://, sqlite:/// or redis://")
