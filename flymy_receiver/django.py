@@ -34,7 +34,7 @@ def view(receiver: Receiver) -> Callable[[HttpRequest], HttpResponse]:
         headers = request.headers
         response = receiver.precheck(headers, request.method or "")
         if response is None:
-            body = read_limited(request.read, receiver.max_body_size)
+            body = read_limited(_reader(request), receiver.max_body_size)
             response = receiver.handle(body, headers, request.method or "")
         return _to_django(response)
 
@@ -54,6 +54,16 @@ def aview(receiver: Receiver) -> Callable[[HttpRequest], Awaitable[HttpResponse]
         return _to_django(response)
 
     return _csrf_exempt(webhook)
+
+
+def _reader(request: HttpRequest) -> Callable[[int], bytes]:
+    # Under WSGI, Django reads nothing from a body without Content-Length (a chunked
+    # delivery). A server that sets wsgi.input_terminated (gunicorn does) has de-chunked the
+    # body and ends the stream itself, so it is safe to read it there, bounded.
+    meta = request.META
+    chunked = not meta.get("CONTENT_LENGTH") and meta.get("wsgi.input_terminated")
+    read: Callable[[int], bytes] = meta["wsgi.input"].read if chunked else request.read
+    return read
 
 
 def _to_django(response: Response) -> HttpResponse:
