@@ -64,6 +64,8 @@ Headers = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]
 AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
 
 _JSON = {"Content-Type": "application/json"}
+#: Longer idempotency keys are replaced by a digest of themselves.
+_MAX_KEY_LENGTH = 200
 _SIGNATURE_HEADER_LOWER = SIGNATURE_HEADER.lower()
 
 
@@ -301,7 +303,14 @@ class Receiver(Router):
         if not handlers:
             logger.debug("no handler for %s (run %s)", event.event, _run_id(event))
             return _RECEIVED
-        return _Delivery(event, raw, self._key_for(event, body), handlers)
+        try:
+            key = self._key_for(event, body)
+        except Exception as exc:  # a custom idempotency_key is user code: it must not escape
+            logger.error(
+                "idempotency_key failed for %s (run %s)", event.event, _run_id(event), exc_info=exc
+            )
+            return _refusal(HandlerFailed(code="idempotency_key_failed"))
+        return _Delivery(event, raw, key, handlers)
 
     def _check_request(self, headers: Headers, method: str) -> list[str | bytes]:
         """Method, encoding and declared length; returns the signature header lines."""
@@ -367,11 +376,17 @@ class Receiver(Router):
 
     def _key_for(self, event: AnyEvent, body: bytes) -> str:
         if self._idempotency_key is not None:
-            return str(self._idempotency_key(event))
-        run_id = _run_id(event)
-        if run_id is None:  # an unknown event without a run id: its exact bytes identify it
-            return f"{event.event}:sha256:{hashlib.sha256(body).hexdigest()}"
-        return f"{event.event}:{run_id}"
+            key = str(self._idempotency_key(event))
+        else:
+            run_id = _run_id(event)
+            if run_id is None:  # an unknown event without a run id: its exact bytes identify it
+                return f"{event.event[:64]}:sha256:{hashlib.sha256(body).hexdigest()}"
+            key = f"{event.event}:{run_id}"
+        if len(key) > _MAX_KEY_LENGTH:
+            # The sender chooses run ids: keep store keys and log lines small whatever it sends.
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            key = f"{event.event[:64]}:sha256:{digest}"
+        return key
 
     def _store_failed(self, exc: Exception, d: _Delivery, doing: str) -> Response:
         error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(repr(exc))
