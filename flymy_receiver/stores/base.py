@@ -2,7 +2,7 @@
 
 A store remembers which events were handled, so that a redelivered event is acknowledged
 without running its handlers again. Every implementation follows the same contract, which
-``tests/test_store_contract.py`` checks for each of them:
+``tests/stores/test_contract.py`` checks for each of them:
 
 - ``claim(key, lease)`` is atomic: of all the workers claiming one key at once, exactly one
   gets ``ACQUIRED``; the others get ``BUSY`` until the claim is released, completed, or its
@@ -12,6 +12,9 @@ without running its handlers again. Every implementation follows the same contra
   failure only the handlers that failed run again. ``claim`` returns those names.
 - ``complete`` records the whole event as done; ``release`` gives the claim up after a
   failure, keeping the per-handler records.
+- ``complete`` and ``mark_handler_done`` record success even when the claim's lease ran out
+  meanwhile (the work *was* done: forgetting it would only run it again); ``release`` acts
+  only while ``token`` still holds the claim, so a late worker never frees someone else's.
 - A store that cannot be reached raises :class:`~flymy_receiver.errors.StoreUnavailable`.
 """
 
