@@ -5,23 +5,53 @@ Framework-free, and signed with the same code the receiver verifies with::
     event = make_event("run.completed", output={"score": 3})
     req = signed_request(event, secret="whsec-test")
     response = receiver.handle(req.body, req.headers)
+
+Negative builders (:func:`tampered_request`, :func:`wrong_secret_request`,
+:func:`rotated_out_request`, :func:`stale_request`, :func:`reserialized_request`,
+:func:`unsigned_request`) make the requests a receiver must refuse. :func:`post_flask`,
+:func:`post_starlette` and :func:`post_django` send a signed event through a framework's own
+test client (duck-typed: this module imports no framework). :func:`dispatch` runs the
+handlers of a router on an event with no HTTP and no signing, for plain unit tests.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import secrets as _secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel
 
 from .events import BaseEvent, RunCompleted, validate_event
+from .routing import Router
 from .signature import SIGNATURE_HEADER, normalize_secrets, sign
 
-__all__ = ["SignedRequest", "make_event", "serialize", "signed_request"]
+__all__ = [
+    "DEFAULT_PATH",
+    "SignedRequest",
+    "adispatch",
+    "dispatch",
+    "make_event",
+    "post_django",
+    "post_flask",
+    "post_starlette",
+    "reserialized_request",
+    "rotated_out_request",
+    "serialize",
+    "signed_request",
+    "stale_request",
+    "tampered_request",
+    "unsigned_request",
+    "wrong_secret_request",
+]
+
+#: The path the adapters mount the receiver on unless told otherwise.
+DEFAULT_PATH = "/webhooks/flymy"
 
 _DEFAULT_OUTPUT: dict[str, Any] = {
     "background": "VP of Engineering at Acme Robotics, previously led platform teams.",
@@ -35,35 +65,42 @@ _DEFAULT_ERROR: dict[str, Any] = {
 }
 _ENVELOPE_FIELDS = ("timestamp",)
 
+EventLike = BaseEvent | Mapping[str, Any] | bytes | str
+
 
 def make_event(name: str = "run.completed", **fields: Any) -> Any:
     """A valid typed event with fresh ids and the current time.
 
     Keyword arguments override ``data`` fields (``run_id``, ``agent_id``, ``agent_name``,
     ``status``, ``duration_ms``, ``input``, ``output``, ``error``, or any extra field), except
-    ``timestamp``, which sets the envelope's. An ``output`` that is a pydantic model gives a
-    ``RunCompleted[ThatModel]``. Any other event name gives an :class:`UnknownEvent`.
+    ``timestamp``, which sets the envelope's. A field set to ``None`` is sent as ``null``.
+    An ``output`` that is a pydantic model gives a ``RunCompleted[ThatModel]``. Any other
+    event name gives an :class:`~flymy_receiver.events.UnknownEvent`.
     """
-    envelope: dict[str, Any] = {
-        "event": name,
-        "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-    }
+    envelope: dict[str, Any] = {"event": name, "timestamp": _utc_iso(datetime.now(timezone.utc))}
     for key in _ENVELOPE_FIELDS:
         if key in fields:
             value = fields.pop(key)
-            envelope[key] = value.isoformat() if isinstance(value, datetime) else value
+            envelope[key] = _utc_iso(value) if isinstance(value, datetime) else value
     data: dict[str, Any] = {
         "run_id": f"run_{_secrets.token_hex(6)}",
         "agent_id": "agent_abc123",
         "agent_name": "Sales Lead Profiler",
     }
+    # Deep copies: a handler that mutates its event must not change the next test's defaults.
     if name == "run.completed":
         data.update(
-            status="done", duration_ms=14200, input=dict(_DEFAULT_INPUT), output=_DEFAULT_OUTPUT
+            status="done",
+            duration_ms=14200,
+            input=copy.deepcopy(_DEFAULT_INPUT),
+            output=copy.deepcopy(_DEFAULT_OUTPUT),
         )
     elif name == "run.failed":
         data.update(
-            status="error", duration_ms=3100, input=dict(_DEFAULT_INPUT), error=_DEFAULT_ERROR
+            status="error",
+            duration_ms=3100,
+            input=copy.deepcopy(_DEFAULT_INPUT),
+            error=copy.deepcopy(_DEFAULT_ERROR),
         )
     data.update(fields)
     output = data.get("output")
@@ -71,7 +108,7 @@ def make_event(name: str = "run.completed", **fields: Any) -> Any:
         data["output"] = output.model_dump(mode="json")
         envelope["data"] = data
         return RunCompleted[type(output)].model_validate(envelope)  # type: ignore[misc]
-    envelope["data"] = _jsonable(data)
+    envelope["data"] = {key: _jsonable(value) for key, value in data.items()}
     return validate_event(envelope)
 
 
@@ -83,11 +120,12 @@ class SignedRequest:
     headers: dict[str, str] = field(default_factory=dict)
 
     def json(self) -> Any:
+        """The body parsed as JSON."""
         return json.loads(self.body)
 
 
 def signed_request(
-    event: BaseEvent | Mapping[str, Any] | bytes | str,
+    event: EventLike,
     secret: str | bytes | None = None,
     *,
     headers: Mapping[str, str] | None = None,
@@ -103,7 +141,7 @@ def signed_request(
     return SignedRequest(body, all_headers)
 
 
-def serialize(event: BaseEvent | Mapping[str, Any] | bytes | str) -> bytes:
+def serialize(event: EventLike) -> bytes:
     """The bytes the platform would send for ``event``: compact JSON for models and dicts."""
     if isinstance(event, bytes):
         return event
@@ -112,6 +150,178 @@ def serialize(event: BaseEvent | Mapping[str, Any] | bytes | str) -> bytes:
     if isinstance(event, BaseModel):
         return event.model_dump_json().encode()
     return json.dumps(event, separators=(",", ":"), default=str).encode()
+
+
+# -- requests a receiver must refuse ------------------------------------------------------
+
+
+def tampered_request(event: EventLike, secret: str | bytes | None = None) -> SignedRequest:
+    """Correctly signed, then one byte of the body changed: the receiver answers 401."""
+    req = signed_request(event, secret)
+    if not req.body:
+        return replace(req, body=b" ")
+    body = bytearray(req.body)
+    # Flip a bit in the middle; for JSON this changes a value, not only the framing.
+    body[len(body) // 2] ^= 0x01
+    return replace(req, body=bytes(body))
+
+
+def wrong_secret_request(event: EventLike, secret: str | bytes | None = None) -> SignedRequest:
+    """Signed with a random secret (or ``secret``) the receiver does not know: 401."""
+    return signed_request(event, secret or f"whsec-wrong-{_secrets.token_hex(8)}")
+
+
+def rotated_out_request(
+    event: EventLike,
+    removed_secret: str | bytes,
+    *,
+    current: str | bytes | list[str | bytes],
+) -> SignedRequest:
+    """Signed with a secret that was rotated out of ``current``: 401.
+
+    Raises ``ValueError`` if ``removed_secret`` is still one of the ``current`` secrets, which
+    would make the test prove nothing.
+    """
+    (removed,) = normalize_secrets(removed_secret)
+    if removed in normalize_secrets(current):
+        raise ValueError("removed_secret is still one of the current secrets")
+    return signed_request(event, removed)
+
+
+def stale_request(
+    event: str | BaseEvent = "run.completed",
+    secret: str | bytes | None = None,
+    *,
+    age: timedelta = timedelta(days=4),
+) -> SignedRequest:
+    """Authentic, but with a ``timestamp`` ``age`` in the past (default: outside the
+    default three-day replay window): 400 when the window is on.
+
+    ``event`` is an event name or a model whose timestamp is replaced.
+    """
+    timestamp = datetime.now(timezone.utc) - age
+    if isinstance(event, str):
+        model: BaseEvent = make_event(event, timestamp=timestamp)
+    else:
+        model = event.model_copy(update={"timestamp": timestamp})
+    return signed_request(model, secret)
+
+
+def reserialized_request(event: EventLike, secret: str | bytes | None = None) -> SignedRequest:
+    """Signed over the compact bytes, sent pretty-printed with the original signature: 401.
+
+    What happens when a proxy or a framework re-encodes the JSON before verification.
+    """
+    req = signed_request(event, secret)
+    body = json.dumps(json.loads(req.body), indent=2, sort_keys=True).encode()
+    if body == req.body:  # pragma: no cover - a JSON object always gains whitespace
+        body += b"\n"
+    return replace(req, body=body)
+
+
+def unsigned_request(event: EventLike) -> SignedRequest:
+    """The body with no signature header at all: 401."""
+    return SignedRequest(serialize(event), {"Content-Type": "application/json"})
+
+
+# -- posting through a framework's own test client ----------------------------------------
+
+
+def _prepare(
+    event: EventLike | SignedRequest, secret: str | bytes | None, headers: Mapping[str, str] | None
+) -> SignedRequest:
+    req = event if isinstance(event, SignedRequest) else signed_request(event, secret)
+    if headers:
+        req = replace(req, headers={**req.headers, **headers})
+    return req
+
+
+def post_flask(
+    client: Any,
+    event: EventLike | SignedRequest,
+    secret: str | bytes | None = None,
+    *,
+    path: str = DEFAULT_PATH,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
+    """POST ``event`` (signed with ``secret``, or an already built request) through a Flask
+    test client (``app.test_client()``); returns its response."""
+    req = _prepare(event, secret, headers)
+    return client.post(path, data=req.body, headers=req.headers)
+
+
+def post_starlette(
+    client: Any,
+    event: EventLike | SignedRequest,
+    secret: str | bytes | None = None,
+    *,
+    path: str = DEFAULT_PATH,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
+    """POST ``event`` through a Starlette or FastAPI ``TestClient``; returns its response."""
+    req = _prepare(event, secret, headers)
+    return client.post(path, content=req.body, headers=req.headers)
+
+
+def post_django(
+    client: Any,
+    event: EventLike | SignedRequest,
+    secret: str | bytes | None = None,
+    *,
+    path: str = DEFAULT_PATH,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
+    """POST ``event`` through a Django test ``Client``; returns its response.
+
+    Awaits nothing: pass an ``AsyncClient`` and await the result yourself.
+    """
+    req = _prepare(event, secret, headers)
+    rest = {k: v for k, v in req.headers.items() if k.lower() != "content-type"}
+    content_type = next(
+        (v for k, v in req.headers.items() if k.lower() == "content-type"), "application/json"
+    )
+    return client.post(path, data=req.body, content_type=content_type, headers=rest)
+
+
+# -- running handlers directly --------------------------------------------------------------
+
+
+def dispatch(router: Router, event: Any) -> list[str]:
+    """Run the handlers of ``router`` (a :class:`~flymy_receiver.Receiver` or any
+    :class:`~flymy_receiver.Router`) that ``event`` reaches, in order, with no HTTP, signature
+    or idempotency store. Async handlers are run to completion.
+
+    Raises what a handler raises, and :class:`~flymy_receiver.OutputMismatch` when the output
+    does not match a handler's model. Returns the ids of the handlers that ran.
+    """
+    from .receiver import _run_coroutine  # the receiver's own way to run an async handler
+
+    raw = event.model_dump(mode="json")
+    ran: list[str] = []
+    for handler in router.handlers_for(event):
+        result = handler.func(handler.typed_event(event, raw))
+        if inspect.isawaitable(result):
+            _run_coroutine(result)
+        ran.append(handler.id)
+    return ran
+
+
+async def adispatch(router: Router, event: Any) -> list[str]:
+    """The async twin of :func:`dispatch`, for tests that already run an event loop."""
+    raw = event.model_dump(mode="json")
+    ran: list[str] = []
+    for handler in router.handlers_for(event):
+        result = handler.func(handler.typed_event(event, raw))
+        if inspect.isawaitable(result):
+            await result
+        ran.append(handler.id)
+    return ran
+
+
+def _utc_iso(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _jsonable(value: Any) -> Any:
