@@ -370,9 +370,12 @@ class Receiver(Router):
             return
         now = self._clock()
         if now - event.timestamp > self.max_age:
-            raise StaleEvent(f"timestamp older than {self.max_age}", code="too_old")
+            raise StaleEvent(f"timestamp older than {_span(self.max_age)}", code="too_old")
         if event.timestamp - now > self.max_clock_skew:
-            raise StaleEvent("timestamp in the future", code="from_the_future")
+            raise StaleEvent(
+                f"timestamp more than {_span(self.max_clock_skew)} in the future",
+                code="from_the_future",
+            )
 
     def _key_for(self, event: AnyEvent, body: bytes) -> str:
         if self._idempotency_key is not None:
@@ -440,6 +443,16 @@ def _read_headers(headers: Headers) -> tuple[list[str | bytes], str, int | None]
             if text.isdigit() and text.isascii():
                 length = int(text[:20])
     return signatures, encoding, length
+
+
+def _span(delta: timedelta) -> str:
+    """``3 days``, ``5 minutes``: a duration as people write it."""
+    seconds = int(delta.total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} seconds"
 
 
 def _run_id(event: AnyEvent | None) -> str | None:
