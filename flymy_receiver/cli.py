@@ -74,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader (say, ``| head``) went away: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def _build_parser() -> _Parser:
@@ -179,10 +183,22 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _hint(body: bytes, keys: Sequence[bytes], candidates: Sequence[bytes]) -> str:
-    hint = explain_mismatch(body, keys, candidates)
-    if body.endswith(b"\n"):
-        hint += " (echo adds a newline: use printf '%s' or a file)"
-    return hint
+    # A shell adds or drops a final newline easily (echo, $(...)); say so when that is it.
+    for variant, cause in (
+        (body + b"\n", "the signature is over this body plus a final newline"),
+        (body.rstrip(b"\r\n"), "the signature is over this body without its final newline"),
+    ):
+        if variant != body and _matches(variant, candidates, keys):
+            return cause + " (echo adds one: use printf '%s' or a file)"
+    return explain_mismatch(body, keys, candidates)
+
+
+def _matches(body: bytes, candidates: Sequence[bytes], keys: Sequence[bytes]) -> bool:
+    try:
+        match_signature(body, candidates, keys)
+    except InvalidSignature:
+        return False
+    return True
 
 
 # -- send ---------------------------------------------------------------------------------
