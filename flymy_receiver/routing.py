@@ -30,7 +30,17 @@ class OutputMismatch(Exception):
 class Handler:
     """One registered handler, with its filters and its typed-output model."""
 
-    __slots__ = ("_model", "_resolved", "agent_id", "agent_name", "event", "func", "id", "output")
+    __slots__ = (
+        "_is_async",
+        "_model",
+        "_resolved",
+        "agent_id",
+        "agent_name",
+        "event",
+        "func",
+        "id",
+        "output",
+    )
 
     def __init__(
         self,
@@ -50,10 +60,12 @@ class Handler:
         self.id = id
         self._model: type[BaseModel] | None = None
         self._resolved = False
+        # Asked on every delivery; inspect's check walks the function's wrappers each time.
+        self._is_async = inspect.iscoroutinefunction(func)
 
     @property
     def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.func)
+        return self._is_async
 
     def accepts(self, event: AnyEvent) -> bool:
         if self.event != CATCH_ALL and self.event != event.event:
