@@ -1,0 +1,65 @@
+"""Code run in worker processes by the concurrency tests (importable, for ``spawn``).
+
+Each worker builds its own receiver on a shared store and delivers the same signed
+requests as the others, retrying every non-2xx like the platform; every handler run is
+appended to a ledger file, one line each, so the parent can count them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from typing import Any
+
+from flymy_receiver import Receiver
+from flymy_receiver.stores import store_from_url
+from tests.conftest import SECRET
+
+MAX_ATTEMPTS = 1000
+DEADLINE = 60.0
+
+
+def ledger_append(path: str, line: str) -> None:
+    """One ``write`` on an ``O_APPEND`` file: lines from many processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def deliver_all(
+    store_url: str,
+    requests: list[tuple[bytes, dict[str, str]]],
+    ledger: str,
+    seed: int,
+    start: Any,
+) -> dict[str, int]:
+    """Deliver every request until it is acknowledged; return how the answers went."""
+    receiver = Receiver(SECRET, store=store_from_url(store_url))
+    rng = random.Random(seed)
+
+    @receiver.on("run.completed")
+    def record(event: Any) -> None:
+        time.sleep(rng.uniform(0, 0.003))  # widen the window in which others may collide
+        ledger_append(ledger, f"{event.data.run_id} {os.getpid()}")
+
+    order = list(requests)
+    rng.shuffle(order)
+    counts = {"received": 0, "duplicate": 0, "409": 0, "other": 0}
+    start.wait(60)  # every worker starts delivering at the same moment
+    deadline = time.monotonic() + DEADLINE
+    for body, headers in order:
+        for _ in range(MAX_ATTEMPTS):
+            if time.monotonic() > deadline:
+                raise TimeoutError("deliveries did not finish in time")
+            response = receiver.handle(body, headers)
+            if response.ok:
+                counts["duplicate" if b"duplicate" in response.body else "received"] += 1
+                break
+            counts["409" if response.status == 409 else "other"] += 1
+            time.sleep(0.002)
+        else:
+            raise RuntimeError("an event was never acknowledged")
+    return counts
