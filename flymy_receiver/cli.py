@@ -63,6 +63,8 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     parser = _build_parser()
+    # The library's warnings (a secret with a pasted newline, say) as one line each.
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -142,6 +144,8 @@ def _keys(secret: str | list[str] | None) -> tuple[bytes, ...]:
         secret = os.environ.get(SECRET_ENV_VAR)
     if secret is None:
         raise UsageError(f"no secret: pass --secret or set {SECRET_ENV_VAR}")
+    if any(not item.strip() for item in ([secret] if isinstance(secret, str) else secret)):
+        raise UsageError("webhook secret must not be empty")
     try:
         return normalize_secrets(secret)
     except ConfigurationError as exc:
@@ -313,7 +317,6 @@ def _listen(args: argparse.Namespace) -> int:
     from .receiver import Receiver
     from .stores import MemoryStore, store_from_url
 
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s %(message)s")
     keys = _keys(args.secret)
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
