@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from flymy_receiver import Receiver
@@ -63,3 +64,25 @@ def deliver_all(
         else:
             raise RuntimeError("an event was never acknowledged")
     return counts
+
+
+def hang_in_handler(store_url: str, request_file: str, started_file: str, lease: float) -> None:
+    """Claim the event, signal that its handler started, then hang until killed."""
+    from datetime import timedelta
+
+    receiver = Receiver(SECRET, store=store_from_url(store_url), lease=timedelta(seconds=lease))
+
+    @receiver.on("run.completed")
+    def hang(event: Any) -> None:
+        ledger_append(started_file, event.data.run_id)
+        time.sleep(600)  # the test kills this process long before
+
+    body = Path(request_file).read_bytes()
+    signature = Path(request_file + ".sig").read_text()
+    receiver.handle(body, {"X-FlyMyAI-Signature": signature})
+
+
+if __name__ == "__main__":
+    import sys
+
+    hang_in_handler(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))
