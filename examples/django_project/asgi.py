@@ -6,5 +6,9 @@ import os
 
 from django.core.asgi import get_asgi_application
 
+from .body_limit import WebhookBodyLimit
+from .webhooks import receiver
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_project.asgi_settings")
-application = get_asgi_application()
+# Django reads a whole body before any view runs: refuse oversized ones first.
+application = WebhookBodyLimit(get_asgi_application(), receiver)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from django.urls import path
-from leads import make_receiver
 
 from flymy_receiver.django import aview
 
-receiver = make_receiver()
+from .webhooks import receiver
 
 urlpatterns = [path("webhooks/flymy", aview(receiver))]
