@@ -2,8 +2,9 @@
 
 Translation only: the raw body is read (bounded) and handed with the headers to
 :meth:`Receiver.handle`, whose :class:`Response` becomes Flask's. Async handlers run in a
-fresh event loop per delivery. If Flask-WTF's ``CSRFProtect`` is on the app, the blueprint
-exempts itself: a webhook carries a signature, not a CSRF token.
+fresh event loop per delivery. If Flask-WTF's ``CSRFProtect`` is on the app (set up before
+or after this blueprint), the blueprint exempts itself: a webhook carries a signature, not a
+CSRF token.
 """
 
 from __future__ import annotations
@@ -43,8 +44,16 @@ def blueprint(
 
     @bp.record_once
     def exempt_from_csrf(state: flask.blueprints.BlueprintSetupState) -> None:
-        csrf = state.app.extensions.get("csrf")
-        if csrf is not None and hasattr(csrf, "exempt"):
-            csrf.exempt(bp)
+        app = state.app
+
+        def exempt() -> None:
+            csrf = app.extensions.get("csrf")
+            if csrf is not None and hasattr(csrf, "exempt"):
+                csrf.exempt(bp)
+
+        exempt()
+        # CSRFProtect may be set up after this blueprint: exempt it again first thing on each
+        # request, ahead of the CSRF check (an app's before_request hooks run in order).
+        app.before_request_funcs.setdefault(None, []).insert(0, exempt)
 
     return bp
