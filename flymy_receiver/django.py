@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .bodies import read_limited
-from .receiver import Receiver, Response
+from .receiver import READ_HEADERS, Receiver, Response
 
 __all__ = ["aview", "view"]
 
@@ -31,7 +31,7 @@ def view(receiver: Receiver) -> Callable[[HttpRequest], HttpResponse]:
     """A sync view (WSGI, or ASGI through Django's thread); async handlers still work."""
 
     def webhook(request: HttpRequest) -> HttpResponse:
-        headers = request.headers
+        headers = _read_headers(request)
         response = receiver.precheck(headers, request.method or "")
         if response is None:
             body = read_limited(_reader(request), receiver.max_body_size)
@@ -45,7 +45,7 @@ def aview(receiver: Receiver) -> Callable[[HttpRequest], Awaitable[HttpResponse]
     """An async view for Django under ASGI: sync handlers run in a worker thread."""
 
     async def webhook(request: HttpRequest) -> HttpResponse:
-        headers = request.headers
+        headers = _read_headers(request)
         response = receiver.precheck(headers, request.method or "")
         if response is None:
             # Django's ASGI handler has already spooled the body; this read does not block.
@@ -64,6 +64,13 @@ def _reader(request: HttpRequest) -> Callable[[int], bytes]:
     chunked = not meta.get("CONTENT_LENGTH") and meta.get("wsgi.input_terminated")
     read: Callable[[int], bytes] = meta["wsgi.input"].read if chunked else request.read
     return read
+
+
+def _read_headers(request: HttpRequest) -> list[tuple[str, str]]:
+    # Only the headers the receiver reads: Django's lookups ignore case, and walking every
+    # header of request.META cost more than the signature check.
+    headers = request.headers
+    return [(name, headers[name]) for name in READ_HEADERS if name in headers]
 
 
 def _to_django(response: Response) -> HttpResponse:

@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .bodies import read_limited
-from .receiver import Receiver
+from .receiver import READ_HEADERS, Receiver
 
 __all__ = ["blueprint"]
 
@@ -34,7 +34,11 @@ def blueprint(
     @bp.route(url, methods=_METHODS, provide_automatic_options=False)
     def webhook() -> flask.Response:
         request = flask.request
-        headers = request.headers
+        # Only the headers the receiver reads, looked up directly (case-insensitive; WSGI
+        # joins repeated lines): walking every header of the environ, which iterating or
+        # getlist() does, cost more than the signature check.
+        found = ((name, request.headers.get(name)) for name in READ_HEADERS)
+        headers = [(name, value) for name, value in found if value is not None]
         response = receiver.precheck(headers, request.method)
         if response is None:
             # The raw stream, never get_json()/form: the signature covers these exact bytes.

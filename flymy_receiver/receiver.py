@@ -48,7 +48,7 @@ from .signature import (
 from .stores.base import Claim, ClaimState, Store
 from .stores.memory import MemoryStore
 
-__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BODY_SIZE", "Receiver", "Response"]
+__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BODY_SIZE", "READ_HEADERS", "Receiver", "Response"]
 
 logger = logging.getLogger("flymy_receiver")
 
@@ -67,6 +67,10 @@ _JSON = {"Content-Type": "application/json"}
 #: Longer idempotency keys are replaced by a digest of themselves.
 _MAX_KEY_LENGTH = 200
 _SIGNATURE_HEADER_LOWER = SIGNATURE_HEADER.lower()
+#: Every request header the receiver reads. An adapter whose framework looks headers up
+#: case-insensitively may pass only these: iterating all of a WSGI environ's headers cost
+#: more than verifying a 1 KB body.
+READ_HEADERS = (SIGNATURE_HEADER, "Content-Encoding", "Content-Length")
 
 
 @dataclass(frozen=True, slots=True)
