@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,40 +15,11 @@ from flymy_receiver.schema import event_schemas
 from flymy_receiver.testing import make_event, signed_request, stale_request
 from tests.conftest import SECRET
 from tests.servers import PYTHON, ROOT, free_port, post, serve, server_log
+from tests.toolkit.cli_runner import cli
 
 KNOWN_SECRET = "It's a Secret to Everybody"
 KNOWN_BODY = b"Hello, World!"
 KNOWN_SIGNATURE = "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
-
-
-def cli(
-    *args: str,
-    stdin: bytes = b"",
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-    script: bool = False,
-) -> subprocess.CompletedProcess[str]:
-    """Run the command line (``python -m flymy_receiver``, or the console script)."""
-    base_env = {k: v for k, v in os.environ.items() if k != "FLYMY_WEBHOOK_SECRET"}
-    if script:
-        executable = shutil.which("flymy-receiver")
-        assert executable, "the flymy-receiver console script is not installed"
-        argv = [executable, *args]
-    else:
-        argv = [PYTHON, "-m", "flymy_receiver", *args]
-    result = subprocess.run(
-        argv,
-        input=stdin.decode("latin-1"),
-        capture_output=True,
-        text=True,
-        encoding="latin-1",
-        env={**base_env, "PYTHONPATH": str(ROOT), **(env or {})},
-        cwd=cwd or ROOT,
-        timeout=60,
-        check=False,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    return result
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
