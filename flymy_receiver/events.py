@@ -7,15 +7,16 @@ rejected. Every model ignores extra fields and accepts ``run_id`` as an integer.
 Parsing choices (documented in the README): the body is parsed with orjson, which is strict
 RFC 8259 JSON: ``NaN``/``Infinity`` and invalid UTF-8 are refused (400), nesting deeper than
 1024 levels is refused (400), for duplicate keys the last one wins, and one leading UTF-8 BOM
-is ignored. Numbers too large for 64 bits (orjson refuses them) are re-read by the standard
-parser: huge integers are kept exact (as ``Decimal`` past 4000 digits), and a float that
-overflows to infinity is refused (400).
+is ignored. Integers too large for 64 bits (which orjson would turn into floats) are read by
+the standard parser: huge integers are kept exact (as ``Decimal`` past 4000 digits), and a
+float that overflows to infinity is refused (400).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeAlias, TypeVar
@@ -128,22 +129,29 @@ _MODELS: dict[str, type[BaseEvent]] = {
 
 _BOM = b"\xef\xbb\xbf"
 _INT_DIGITS = 4000  # below the interpreter's int/str conversion limit
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 
 
 def parse_json(body: bytes) -> Any:
     """Parse a body as strict JSON; raise :class:`MalformedEvent` on anything else."""
     if body.startswith(_BOM):
         body = body[3:]
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if "number" not in str(exc):
-            raise MalformedEvent(f"invalid JSON: {_first_line(exc)}", code="invalid_json") from None
-    # orjson reads numbers as 64-bit values; a larger integer is re-read by the standard
-    # parser, which keeps it exact (as a Decimal past Python's int digit limit).
+    # orjson silently turns an integer beyond 64 bits into a float (and refuses longer ones):
+    # a body with a run of 19+ digits is read by the standard parser instead, which keeps
+    # integers exact (as a Decimal past Python's int digit limit).
+    if _LONG_DIGITS.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            if "number" not in str(exc):
+                message = f"invalid JSON: {_first_line(exc)}"
+                raise MalformedEvent(message, code="invalid_json") from None
     try:
         return json.loads(
-            body, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant
+            body.decode("utf-8"),  # strict, as orjson: no UTF-16/32 guessing
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_refuse_constant,
         )
     except (ValueError, RecursionError) as exc:
         raise MalformedEvent(f"invalid JSON: {_first_line(exc)}", code="invalid_json") from None
