@@ -573,14 +573,24 @@ class ReceiverContract:
         assert repr(score) == repr(float(constant))
         self.refused(self.send(receiver, body, signed(body)), seen, 400)
 
-    def test_huge_integer_inside_output_is_kept_exact(self) -> None:
+    @pytest.mark.parametrize(
+        "digits",
+        ["7" * 5000, "123456789012345678901234567890", "-9223372036854775809"],
+        ids=["5000-digits", "30-digits", "below-int64"],
+    )
+    def test_huge_integer_inside_output_is_kept_exact(self, digits: str) -> None:
         receiver, seen = self.build()
-        digits = "7" * 5000
         body = event_body(output={"big": "@", "small": 1}).replace(b'"@"', digits.encode())
         assert self.send(receiver, body, signed(body)).status == 200
         (event,) = seen.completed
         assert str(event.data.output["big"]) == digits
         assert event.data.output["small"] == 1
+
+    def test_integer_run_id_beyond_64_bits(self) -> None:
+        receiver, seen = self.build()
+        body = event_body(run_id=123456789012345678901234567890)
+        assert self.send(receiver, body, signed(body)).status == 200
+        assert seen.completed[0].data.run_id == "123456789012345678901234567890"
 
     @pytest.mark.parametrize(
         ("path", "value"),
