@@ -18,7 +18,7 @@ def require(module: str) -> None:
     if importlib.util.find_spec(module) is None:
         if IN_CI:
             pytest.fail(f"{module} is required in CI but is not installed", pytrace=False)
-        pytest.skip(f"{module} is not installed")
+        pytest.skip(f"{module} is not installed", allow_module_level=True)
 
 
 if importlib.util.find_spec("django") is not None:
