@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Annotated, Any, Generic, Literal, TypeAlias, TypeVar
@@ -129,7 +128,11 @@ _MODELS: dict[str, type[BaseEvent]] = {
 
 _BOM = b"\xef\xbb\xbf"
 _INT_DIGITS = 4000  # below the interpreter's int/str conversion limit
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+# Digits become "0", everything else a space: a 19-digit run is then a plain substring,
+# found by a byte scan several times faster than the equivalent regular expression (which
+# cost more than parsing the body).
+_DIGITS_AS_ZEROS = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_DIGITS = b"0" * 19
 
 
 def parse_json(body: bytes) -> Any:
@@ -139,7 +142,7 @@ def parse_json(body: bytes) -> Any:
     # orjson silently turns an integer beyond 64 bits into a float (and refuses longer ones):
     # a body with a run of 19+ digits is read by the standard parser instead, which keeps
     # integers exact (as a Decimal past Python's int digit limit).
-    if _LONG_DIGITS.search(body) is None:
+    if _LONG_DIGITS not in body.translate(_DIGITS_AS_ZEROS):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
