@@ -433,20 +433,37 @@ def _read_headers(headers: Headers) -> tuple[list[str | bytes], str, int | None]
     length: int | None = None
     items = headers.items() if isinstance(headers, Mapping) else headers
     for name, value in items:
-        lowered = (name.decode("latin-1") if isinstance(name, bytes) else name).lower()
-        if lowered == _SIGNATURE_HEADER_LOWER:
+        kind = _HEADER_KINDS.get(name)
+        if kind is None:
+            kind = _HEADER_KINDS.get(name.lower())  # bytes: ASCII only, as latin-1 names
+            if kind is None:
+                continue
+        if kind is _SIGNATURE:
             signatures.append(value)
-        elif lowered == "content-encoding":
+        elif kind is _ENCODING:
             text = value.decode("latin-1") if isinstance(value, bytes) else value
             text = text.strip().lower()
             if text not in ("", "identity"):
                 encoding = text
-        elif lowered == "content-length":
+        else:
             text = value.decode("latin-1") if isinstance(value, bytes) else value
             text = text.strip()
             if text.isdigit() and text.isascii():
                 length = int(text[:20])
     return signatures, encoding, length
+
+
+# Header name -> what it is, for str and bytes names alike (ASGI sends lowercase bytes):
+# one dict lookup per header instead of decoding and lowering every name.
+_SIGNATURE, _ENCODING, _LENGTH = "signature", "encoding", "length"
+_HEADER_KINDS: dict[str | bytes, str] = {}
+for _name, _kind in (
+    (SIGNATURE_HEADER, _SIGNATURE),
+    ("Content-Encoding", _ENCODING),
+    ("Content-Length", _LENGTH),
+):
+    for _form in (_name, _name.lower(), _name.title()):
+        _HEADER_KINDS[_form] = _HEADER_KINDS[_form.encode("ascii")] = _kind
 
 
 def _span(delta: timedelta) -> str:
