@@ -13,6 +13,7 @@ import random
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -112,6 +113,7 @@ def small_output(seed: int = 7) -> dict[str, Any]:
     }
 
 
+@lru_cache(maxsize=8)
 def realistic_output(size: int, seed: int = 7) -> dict[str, Any]:
     """A nested agent output whose JSON is about ``size`` bytes."""
     rng = random.Random(seed)
@@ -121,14 +123,18 @@ def realistic_output(size: int, seed: int = 7) -> dict[str, Any]:
         "leads": [],
         "stats": {"searched": 0, "kept": 0, "elapsed_s": 12.5},
     }
-    # Add records until the output is large enough; then trim the summary to land on size.
-    while len(orjson.dumps(output)) < size - 400:
-        output["leads"].append(_record(rng, len(output["leads"])))
+    # Add records until the output is large enough (each record's size counted once).
+    total = len(orjson.dumps(output))
+    while total < size - 400:
+        record = _record(rng, len(output["leads"]))
+        output["leads"].append(record)
+        total += len(orjson.dumps(record)) + 1
     output["stats"]["kept"] = len(output["leads"])
     output["stats"]["searched"] = 3 * len(output["leads"])
     return output
 
 
+@lru_cache(maxsize=8)
 def huge_string_output(size: int) -> dict[str, Any]:
     """An output that is one long markdown report (a single huge string)."""
     rng = random.Random(11)

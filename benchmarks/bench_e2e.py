@@ -1,0 +1,122 @@
+"""Requests per second through real servers: this library's adapter against a hand-written
+handler on the same server, in alternating rounds.
+
+Each server (gunicorn + Flask, gunicorn + Django, uvicorn + Starlette; one worker each)
+serves both endpoints; the load comes from a second process on 127.0.0.1, a fixed number of
+requests per round with a deadline, every request a distinct signed event.
+
+    python -m benchmarks.bench_e2e            # full run, about a minute
+    python -m benchmarks.bench_e2e --quick    # a rough run, under 30 seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import sys
+import time
+from typing import Any
+
+from benchmarks.load import raw_request, run_load
+from benchmarks.payloads import SIZES, distinct_bodies
+from tests.servers import ROOT, free_port, serve
+
+OURS, HAND = "/webhooks/flymy", "/hand"
+
+SERVERS: dict[str, list[str]] = {
+    "Flask (gunicorn)": [
+        sys.executable, "-m", "gunicorn", "-w", "1", "--log-level", "warning",
+        "benchmarks.apps.flask_app:app",
+    ],
+    "Django (gunicorn)": [
+        sys.executable, "-m", "gunicorn", "-w", "1", "--log-level", "warning",
+        "benchmarks.apps.django_app:application",
+    ],
+    "Starlette (uvicorn)": [
+        sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--log-level", "warning",
+        "--no-access-log", "benchmarks.apps.starlette_app:app",
+    ],
+}  # fmt: skip
+SERVERS["Starlette (uvicorn), sync handler"] = SERVERS["Starlette (uvicorn)"]
+ENV = {"Starlette (uvicorn), sync handler": {"BENCH_HANDLER": "sync"}}
+
+
+def _bind(argv: list[str], port: int) -> list[str]:
+    if "uvicorn" in argv:
+        return [*argv[:3], "--port", str(port), *argv[3:]]
+    return [*argv[:3], "-b", f"127.0.0.1:{port}", *argv[3:]]
+
+
+Result = tuple[int, float, list[int]]
+
+
+def _load_in_child(port: int, requests: list[bytes], deadline: float) -> Result:
+    """Run one round of load from a forked process, so the load has its own interpreter."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+
+    def child() -> None:
+        send.send(run_load(port, requests, deadline=deadline))
+
+    process = context.Process(target=child)
+    process.start()
+    try:
+        if not receive.poll(deadline + 15):
+            raise RuntimeError("the load process did not answer in time")
+        result: Result = receive.recv()
+        return result
+    finally:
+        process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+
+
+def measure(name: str, label: str, rounds: int, per_round: int, deadline: float) -> dict[str, Any]:
+    """Median requests per second of both endpoints on one server."""
+    port = free_port()
+    signed = distinct_bodies(SIZES[label](), (rounds + 1) * per_round * 2)
+    batches = [signed[i : i + per_round] for i in range(0, len(signed), per_round)]
+    samples: dict[str, list[float]] = {OURS: [], HAND: []}
+    with serve(_bind(SERVERS[name], port), port, env=ENV.get(name), cwd=ROOT):
+        for r in range(rounds + 1):  # round 0 warms both endpoints up, and is not counted
+            order = (OURS, HAND) if r % 2 == 0 else (HAND, OURS)
+            for i, path in enumerate(order):
+                batch = batches[2 * r + i]
+                requests = [raw_request(path, s) for s in batch]
+                answered, seconds, unexpected = _load_in_child(port, requests, deadline)
+                if unexpected or answered != len(requests):
+                    raise RuntimeError(
+                        f"{name} {path}: {answered}/{len(requests)} answered, "
+                        f"unexpected statuses {sorted(set(unexpected))}"
+                    )
+                if r:
+                    samples[path].append(answered / seconds)
+    ours, hand = statistics.median(samples[OURS]), statistics.median(samples[HAND])
+    return {"ours": ours, "hand": hand, "ratio": ours / hand}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    parser.add_argument("--size", default="1 KB", choices=list(SIZES))
+    parser.add_argument("--servers", nargs="*", choices=list(SERVERS))
+    args = parser.parse_args()
+    rounds, per_round = (3, 300) if args.quick else (7, 1000)
+    started = time.monotonic()
+    print(f"| {args.size} bodies | ours req/s | hand-written req/s | ratio | target |")
+    print("|---|---:|---:|---:|---|")
+    for name in args.servers or list(SERVERS):
+        result = measure(name, args.size, rounds, per_round, deadline=30.0)
+        print(
+            f"| {name} | {result['ours']:,.0f} | {result['hand']:,.0f} | "
+            f"{result['ratio']:.2f} | ≥ 0.95 |",
+            flush=True,
+        )
+    mode = "quick" if args.quick else "full"
+    print(f"\n({time.monotonic() - started:.0f} s, {mode} run, {rounds} rounds x {per_round})")
+
+
+if __name__ == "__main__":
+    main()
