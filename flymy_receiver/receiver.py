@@ -296,7 +296,7 @@ class Receiver(Router):
             try:
                 match_signature(body, candidates, self._keys)
             except InvalidSignature as exc:
-                exc.detail = explain_mismatch(body, self._keys, candidates)
+                exc.detail = explain_mismatch(body, self._keys, candidates, signatures)
                 raise
             event, raw = _events.parse_event(body)
             self._check_window(event)
@@ -398,11 +398,15 @@ class Receiver(Router):
     def _store_failed(self, exc: Exception, d: _Delivery, doing: str) -> Response:
         error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(repr(exc))
         logger.error(
-            "idempotency store failed to %s %s (run %s): %s",
-            doing,
+            "refused delivery: reason=%s status=%d event=%s run_id=%s (idempotency store failed"
+            " to %s it: %s)",
+            error.code,
+            error.status,
             d.event.event,
-            _run_id(d.event),
+            _run_id(d.event) or "-",
+            doing,
             error.detail or type(exc).__name__,
+            extra={"flymy_reason": error.code, "flymy_status": error.status},
         )
         return _refusal(error, retry_after=5)
 
@@ -411,16 +415,27 @@ class Receiver(Router):
             "flymy_event": d.event.event,
             "flymy_run_id": _run_id(d.event),
             "flymy_handler": handler.id,
+            "flymy_reason": HandlerFailed.code,
+            "flymy_status": HandlerFailed.status,
         }
         if isinstance(exc, OutputMismatch):
             extra["flymy_output"] = d.raw.get("data", {}).get("output")
-            logger.error("handler %s not run: %s", handler.id, exc, extra=extra)
+            logger.error(
+                "refused delivery: reason=handler_failed status=500 event=%s run_id=%s"
+                " (handler %s not run: %s)",
+                d.event.event,
+                _run_id(d.event) or "-",
+                handler.id,
+                exc,
+                extra=extra,
+            )
             return
         logger.error(
-            "handler %s failed for %s (run %s)",
-            handler.id,
+            "refused delivery: reason=handler_failed status=500 event=%s run_id=%s"
+            " (handler %s raised)",
             d.event.event,
-            _run_id(d.event),
+            _run_id(d.event) or "-",
+            handler.id,
             exc_info=exc,
             extra=extra,
         )

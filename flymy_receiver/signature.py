@@ -182,29 +182,33 @@ def _keyed_hmac(key: bytes) -> hmac.HMAC:
 _HINT_BODY_LIMIT = 64 * 1024
 
 
-def explain_mismatch(body: bytes, keys: Sequence[bytes], candidates: Sequence[bytes]) -> str:
-    """A likely cause for a signature that does not match, for logs and the CLI only.
+def explain_mismatch(
+    body: bytes,
+    keys: Sequence[bytes],
+    candidates: Sequence[bytes],
+    header_values: Iterable[str | bytes] = (),
+) -> str:
+    """Likely causes for a signature that does not match, for logs and the CLI only.
 
-    Never includes the expected signature or the secret.
+    ``header_values`` are the raw header lines, to tell whitespace or a prefix around the
+    signature. Never includes the expected signature, the secret or the body.
     """
+    hints = _header_hints(header_values)
     if not body:
-        return "the body is empty: did a middleware or the framework consume it first?"
-    hints: list[str] = []
+        hints.append("the body is empty: did a middleware or the framework consume it first?")
+        return "; ".join(hints)
     if body.startswith(b"\xef\xbb\xbf"):
         hints.append("the body starts with a UTF-8 BOM")
     if body.endswith((b"\n", b"\r")):
         hints.append("the body ends with a newline")
     if len(body) <= _HINT_BODY_LIMIT:
         forms = _reserialised_forms(body)
-        for form in forms:
-            for key in keys:
-                expected = hmac.new(key, form, hashlib.sha256).hexdigest().encode()
-                if any(hmac.compare_digest(expected, c) for c in candidates):
-                    return (
-                        "the signature matches a re-serialised copy of this JSON: something "
-                        "between the sender and the receiver re-encoded the body"
-                    )
-        if forms and body not in forms:
+        if _signs_any(forms, keys, candidates):
+            hints.append(
+                "the signature matches a re-serialised copy of this JSON: something between "
+                "the sender and the receiver re-encoded the body"
+            )
+        elif forms and body not in forms:
             hints.append(
                 "the body is neither a compact nor a pretty JSON dump of itself: it may "
                 "have been re-serialised after signing"
@@ -212,6 +216,33 @@ def explain_mismatch(body: bytes, keys: Sequence[bytes], candidates: Sequence[by
     if not hints:
         hints.append("the body or the secret differs from what the sender signed")
     return "; ".join(hints)
+
+
+def _header_hints(values: Iterable[str | bytes]) -> list[str]:
+    # Both are tolerated, so neither is the cause; but they show that something between the
+    # sender and us rewrote the header, which may also have touched the body.
+    whitespace = prefix = False
+    for value in values:
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        for part in text[:MAX_HEADER_LENGTH].split(","):
+            stripped = part.strip(_WHITESPACE)
+            whitespace = whitespace or (bool(stripped) and stripped != part)
+            prefix = prefix or stripped[:7].lower() == "sha256="
+    hints = []
+    if whitespace:
+        hints.append("the signature header had surrounding whitespace (ignored)")
+    if prefix:
+        hints.append("the signature header had a 'sha256=' prefix (ignored)")
+    return hints
+
+
+def _signs_any(forms: list[bytes], keys: Sequence[bytes], candidates: Sequence[bytes]) -> bool:
+    for form in forms:
+        for key in keys:
+            expected = hmac.new(key, form, hashlib.sha256).hexdigest().encode()
+            if any(hmac.compare_digest(expected, c) for c in candidates):
+                return True
+    return False
 
 
 def _reserialised_forms(body: bytes) -> list[bytes]:
