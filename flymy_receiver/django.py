@@ -5,12 +5,15 @@ raw request stream, bounded by ``max_body_size``. They never touch ``request.bod
 ``request.POST``, so Django's ``DATA_UPLOAD_MAX_MEMORY_SIZE`` (2.5 MB by default) neither
 caps genuine large outputs nor turns the receiver's 413 into Django's 400: the receiver's
 ``max_body_size`` is the one limit that applies to this view.
+
+Under ASGI, Django's handler reads (and spools) a whole body before any view runs, so wrap
+the application in :class:`WebhookBodyLimit` to refuse an oversized delivery first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, TypeVar
 
 try:
     from django.http import HttpRequest, HttpResponse
@@ -22,9 +25,13 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .bodies import read_limited
 from .receiver import READ_HEADERS, Receiver, Response
 
-__all__ = ["aview", "view"]
+__all__ = ["WebhookBodyLimit", "aview", "view"]
 
 _View = TypeVar("_View", bound=Callable[..., object])
+_Message = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[_Message], Awaitable[None]]
+_ASGIApp = Callable[[_Message, _Receive, _Send], Awaitable[None]]
 
 
 def view(receiver: Receiver) -> Callable[[HttpRequest], HttpResponse]:
@@ -82,3 +89,46 @@ def _csrf_exempt(view: _View) -> _View:
     # the view's type (and, before Django 5, its async-ness).
     view.csrf_exempt = True  # type: ignore[attr-defined]
     return view
+
+
+class WebhookBodyLimit:
+    """ASGI middleware for Django: ``WebhookBodyLimit(get_asgi_application(), receiver)``.
+
+    On the webhook ``path`` it answers the receiver's 405/413/415 from the headers alone, and
+    ends a longer body one byte past ``max_body_size``, so that the view answers 413 without
+    the rest having been read or spooled. Other paths pass through untouched.
+    """
+
+    def __init__(self, app: _ASGIApp, receiver: Receiver, path: str = "/webhooks/flymy") -> None:
+        self.app, self.receiver, self.path = app, receiver, path
+
+    async def __call__(self, scope: _Message, receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.path:
+            return await self.app(scope, receive, send)
+        early = self.receiver.precheck(scope["headers"], scope["method"])
+        if early is not None:
+            headers = [(k.lower().encode(), v.encode()) for k, v in early.headers.items()]
+            await send({"type": "http.response.start", "status": early.status, "headers": headers})
+            await send({"type": "http.response.body", "body": early.body})
+            return None
+        limit = self.receiver.max_body_size
+        received = 0
+        ended = False
+
+        async def bounded_receive() -> _Message:
+            nonlocal received, ended
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return message
+                if ended:  # past the limit: the rest is dropped, Django sees the body end
+                    continue
+                body = message.get("body", b"")
+                received += len(body)
+                if received > limit:
+                    ended = True
+                    keep = len(body) - (received - limit - 1)
+                    return {**message, "body": body[:keep], "more_body": False}
+                return message
+
+        return await self.app(scope, bounded_receive, send)

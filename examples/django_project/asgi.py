@@ -6,7 +6,8 @@ import os
 
 from django.core.asgi import get_asgi_application
 
-from .body_limit import WebhookBodyLimit
+from flymy_receiver.django import WebhookBodyLimit
+
 from .webhooks import receiver
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "django_project.asgi_settings")
