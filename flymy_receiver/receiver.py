@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -176,6 +177,7 @@ class Receiver(Router):
         self._clock = clock or (lambda: datetime.now(timezone.utc))
         self._lease_s = lease.total_seconds()
         self._retention_s = retention.total_seconds()
+        self._hint_budget = _Budget(per_second=1.0, burst=10)
 
     def __repr__(self) -> str:
         return (
@@ -296,7 +298,9 @@ class Receiver(Router):
             try:
                 match_signature(body, candidates, self._keys)
             except InvalidSignature as exc:
-                exc.detail = explain_mismatch(body, self._keys, candidates, signatures)
+                exc.detail = explain_mismatch(
+                    body, self._keys, candidates, signatures, deep=self._hint_budget.take()
+                )
                 raise
             event, raw = _events.parse_event(body)
             self._check_window(event)
@@ -510,6 +514,29 @@ def _log_refusal(error: WebhookError, event: AnyEvent | None, level: int = loggi
         f" ({error.detail})" if error.detail else "",
         extra={"flymy_reason": error.code, "flymy_status": error.status},
     )
+
+
+class _Budget:
+    """A token bucket: ``take()`` is true at most ``burst`` times at once, then
+    ``per_second``. It rations the costly part of bad-signature hints, so that a flood of
+    forged requests costs no more than an HMAC each."""
+
+    __slots__ = ("_clock", "_last", "_per_second", "_tokens", "burst")
+
+    def __init__(
+        self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._per_second, self.burst, self._clock = per_second, burst, clock
+        self._tokens, self._last = float(burst), clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self._per_second)
+        self._last = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 _THREAD_POOL: concurrent.futures.ThreadPoolExecutor | None = None

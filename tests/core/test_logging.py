@@ -309,3 +309,20 @@ def test_an_accepted_delivery_logs_no_refusal(rx: Receivers) -> None:
     assert rx.receiver.handle(body, headers).status == 200
     assert rx.refusals() == []
     assert [r for r in rx.caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_costly_hints_are_rationed_so_a_flood_of_forgeries_stays_cheap(rx: Receivers) -> None:
+    # A clock that stands still: no refill during the test, however slow the machine.
+    rx.receiver._hint_budget = type(rx.receiver._hint_budget)(1.0, 10, clock=lambda: 0.0)
+    body, headers = _signed(_event())
+    pretty = json.dumps(json.loads(body), indent=2).encode() + b"\n"
+    burst = rx.receiver._hint_budget.burst
+    messages = []
+    for _ in range(burst + 5):
+        rx.caplog.clear()
+        messages.append(_hint(rx, pretty, headers))
+    # The re-serialisation check (a parse and several HMACs) runs for the first burst only,
+    assert all("re-serialised" in m for m in messages[:burst])
+    assert not any("re-serialised" in m for m in messages[burst:])
+    # while the cheap hints are given every time.
+    assert all("ends with a newline" in m for m in messages)
