@@ -13,11 +13,10 @@ plan is written once, so both paths answer every case alike.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -37,7 +36,7 @@ from .errors import (
     WebhookError,
 )
 from .events import RunCompleted, RunFailed, UnknownEvent
-from .routing import Handler, OutputMismatch, Router
+from .routing import Handler, OutputMismatch, Router, run_coroutine
 from .signature import (
     SIGNATURE_HEADER,
     Secrets,
@@ -199,7 +198,7 @@ class Receiver(Router):
                 if isinstance(action, _StoreCall):
                     result = action.call(*action.args)
                 elif action.handler.is_async:
-                    result = _run_coroutine(action.handler.func(action.event))
+                    result = run_coroutine(action.handler.func(action.event))
                 else:
                     result = action.handler.func(action.event)
             except Exception as exc:  # handed to the plan, which decides
@@ -262,28 +261,6 @@ class Receiver(Router):
         """
         values, _, _ = _read_headers(headers)
         return match_signature(body, signature_candidates(values), self._keys)
-
-    def dispatch(self, event: AnyEvent) -> None:
-        """Run the handlers of an already-parsed event now, raising what they raise.
-
-        For unit tests of handlers: no HTTP, no signature, no idempotency store.
-        """
-        raw = event.model_dump(mode="json")
-        for handler in self.handlers_for(event):
-            typed = handler.typed_event(event, raw)
-            if handler.is_async:
-                _run_coroutine(handler.func(typed))
-            else:
-                handler.func(typed)
-
-    async def adispatch(self, event: AnyEvent) -> None:
-        """The async twin of :meth:`dispatch`."""
-        raw = event.model_dump(mode="json")
-        for handler in self.handlers_for(event):
-            typed = handler.typed_event(event, raw)
-            result = handler.func(typed)
-            if isinstance(result, Awaitable):
-                await result
 
     # -- the plan -----------------------------------------------------------------------
 
@@ -537,18 +514,3 @@ class _Budget:
             return False
         self._tokens -= 1
         return True
-
-
-_THREAD_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _run_coroutine(coroutine: Any) -> Any:
-    """Run an async handler from sync code, even when this thread already runs a loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coroutine)
-    global _THREAD_POOL
-    if _THREAD_POOL is None:
-        _THREAD_POOL = concurrent.futures.ThreadPoolExecutor(4, "flymy-async-handler")
-    return _THREAD_POOL.submit(asyncio.run, coroutine).result()

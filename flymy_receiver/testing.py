@@ -17,7 +17,6 @@ handlers of a router on an event with no HTTP and no signing, for plain unit tes
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import secrets as _secrets
 from collections.abc import Mapping
@@ -294,28 +293,12 @@ def dispatch(router: Router, event: Any) -> list[str]:
     Raises what a handler raises, and :class:`~flymy_receiver.OutputMismatch` when the output
     does not match a handler's model. Returns the ids of the handlers that ran.
     """
-    from .receiver import _run_coroutine  # the receiver's own way to run an async handler
-
-    raw = event.model_dump(mode="json")
-    ran: list[str] = []
-    for handler in router.handlers_for(event):
-        result = handler.func(handler.typed_event(event, raw))
-        if inspect.isawaitable(result):
-            _run_coroutine(result)
-        ran.append(handler.id)
-    return ran
+    return router.dispatch(event)
 
 
 async def adispatch(router: Router, event: Any) -> list[str]:
     """The async twin of :func:`dispatch`, for tests that already run an event loop."""
-    raw = event.model_dump(mode="json")
-    ran: list[str] = []
-    for handler in router.handlers_for(event):
-        result = handler.func(handler.typed_event(event, raw))
-        if inspect.isawaitable(result):
-            await result
-        ran.append(handler.id)
-    return ran
+    return await router.adispatch(event)
 
 
 def _utc_iso(value: datetime) -> str:
