@@ -6,9 +6,10 @@ FLYMY_WEBHOOK_SECRET=... uvicorn --host 127.0.0.1 --port 8000 fastapi_app:app
 from __future__ import annotations
 
 from fastapi import FastAPI
-from leads import make_receiver
 
 from flymy_receiver.starlette import route
+
+from leads import make_receiver
 
 app = FastAPI()
 # The webhook is a plain Starlette route: FastAPI must not parse or validate its body.

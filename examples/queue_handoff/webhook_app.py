@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 
 from flask import Flask
-from lead_jobs import enrich_lead
 from pydantic import BaseModel
 from redis import Redis
 from rq import Queue
@@ -22,6 +21,8 @@ from rq import Queue
 from flymy_receiver import Receiver, RunCompleted
 from flymy_receiver.flask import blueprint
 from flymy_receiver.stores import RedisStore
+
+from lead_jobs import enrich_lead
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
