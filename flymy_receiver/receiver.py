@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -173,7 +173,9 @@ class Receiver(Router):
             retention = (max_age + max_clock_skew) if max_age is not None else DEFAULT_MAX_AGE
         self.retention = retention
         self._idempotency_key = idempotency_key
-        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self._clock = clock
+        self._max_age_s = max_age.total_seconds() if max_age is not None else 0.0
+        self._max_skew_s = max_clock_skew.total_seconds()
         self._lease_s = lease.total_seconds()
         self._retention_s = retention.total_seconds()
         self._hint_budget = _Budget(per_second=1.0, burst=10)
@@ -353,10 +355,12 @@ class Receiver(Router):
     def _check_window(self, event: AnyEvent) -> None:
         if self.max_age is None:
             return
-        now = self._clock()
-        if now - event.timestamp > self.max_age:
+        # Seconds as floats: a third of the cost of datetime arithmetic on every delivery.
+        now = time.time() if self._clock is None else self._clock().timestamp()
+        age = now - event.timestamp.timestamp()
+        if age > self._max_age_s:
             raise StaleEvent(f"timestamp older than {_span(self.max_age)}", code="too_old")
-        if event.timestamp - now > self.max_clock_skew:
+        if -age > self._max_skew_s:
             raise StaleEvent(
                 f"timestamp more than {_span(self.max_clock_skew)} in the future",
                 code="from_the_future",

@@ -21,6 +21,10 @@ logger = logging.getLogger("flymy_receiver")
 F = TypeVar("F", bound=Callable[..., Any])
 AnyEvent = Any  # RunCompleted[Any] | RunFailed | UnknownEvent, kept loose for handler types
 
+# Bumped by every registration on any router, so that each router's flattened handler list
+# (``handlers_for`` runs on every delivery) is rebuilt only after something changed.
+_generation = [0]
+
 #: Register a handler under this name to receive every authentic event, known or not.
 CATCH_ALL = "*"
 
@@ -139,6 +143,8 @@ class Router:
 
     def __init__(self, *others: Router) -> None:
         self._entries: list[Handler | Router] = []
+        self._flat: list[Handler] = []
+        self._flat_generation = -1
         for other in others:
             self.include(other)
 
@@ -162,6 +168,7 @@ class Router:
         def register(func: F) -> F:
             if not callable(func):
                 raise TypeError("a handler must be callable")
+            _generation[0] += 1
             self._entries.append(
                 Handler(
                     func,
@@ -180,6 +187,7 @@ class Router:
         """Add ``router``'s handlers (present and future) after the ones registered so far."""
         if router is self or self in router._walk_routers():
             raise ValueError("including this router would create a cycle")
+        _generation[0] += 1
         self._entries.append(router)
 
     def handlers(self) -> Iterator[Handler]:
@@ -192,7 +200,10 @@ class Router:
 
     def handlers_for(self, event: AnyEvent) -> list[Handler]:
         """The handlers that ``event`` reaches, in order."""
-        return [handler for handler in self.handlers() if handler.accepts(event)]
+        if self._flat_generation != _generation[0]:  # something was registered somewhere
+            self._flat = list(self.handlers())
+            self._flat_generation = _generation[0]
+        return [handler for handler in self._flat if handler.accepts(event)]
 
     def dispatch(self, event: AnyEvent) -> list[str]:
         """Run the handlers ``event`` reaches, now, in order; return the ids of those that ran.

@@ -2,35 +2,26 @@
 
 from __future__ import annotations
 
-import secrets
+import itertools
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from .base import Claim, ClaimState
 
 __all__ = ["MemoryStore"]
 
-
-@dataclass(slots=True)
-class _Entry:
-    expires: float  # end of the lease while claimed, end of the retention once done
-    token: str = ""
-    done: bool = False
-    handlers: set[str] = field(default_factory=set)
-    handlers_expire: float = 0.0
+_DONE = Claim(ClaimState.DONE)
 
 
 class MemoryStore:
-    """Keeps claims in a dict guarded by a lock; bounded and expiring.
+    """Keeps claims in dicts guarded by a lock; bounded and expiring.
 
     Shared by the threads of one process only: with several worker processes use
     :class:`~flymy_receiver.stores.SQLiteStore` or :class:`~flymy_receiver.stores.RedisStore`.
-    When ``max_entries`` is reached the oldest records are forgotten first, so a duplicate of
-    a very old event could run again; size it for the deliveries of your replay window
-    (each record takes a few hundred bytes). Nothing survives a restart of the process.
+    When ``max_entries`` handled events are remembered, the oldest are forgotten first, so a
+    duplicate of a very old event could run again; size it for the deliveries of your replay
+    window (each record takes about a hundred bytes). Nothing survives a restart.
     """
 
     blocking = False
@@ -42,77 +33,80 @@ class MemoryStore:
             raise ValueError("max_entries must be at least 1")
         self.max_entries = max_entries
         self._clock = clock
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Three plain dicts rather than one of record objects: a handled event is a str ->
+        # float entry, which the garbage collector never has to walk.
+        self._done: dict[str, float] = {}  # key -> end of retention
+        self._claims: dict[str, tuple[str, float]] = {}  # key -> (token, end of lease)
+        self._handlers: dict[str, tuple[float, set[str]]] = {}  # key -> (expiry, names)
+        self._tokens = itertools.count(1)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._done) + len(self._claims.keys() | self._handlers.keys())
 
     def __repr__(self) -> str:
-        return f"MemoryStore(max_entries={self.max_entries}, entries={len(self._entries)})"
+        return f"MemoryStore(max_entries={self.max_entries}, entries={len(self)})"
 
     def claim(self, key: str, lease: float) -> Claim:
         """Take ``key`` for ``lease`` seconds unless it is done or held by a live claim."""
         now = self._clock()
         with self._lock:
-            entry = self._current(key, now)
-            if entry is not None and entry.done:
-                return Claim(ClaimState.DONE)
-            if entry is not None and entry.token:
-                return Claim(ClaimState.BUSY, retry_after=max(entry.expires - now, 0.0))
-            token = secrets.token_hex(8)
-            if entry is None:
-                entry = self._entries[key] = _Entry(expires=now + lease)
-                self._evict()
-            entry.token, entry.expires = token, now + lease
-            return Claim(ClaimState.ACQUIRED, token, frozenset(entry.handlers))
+            done_until = self._done.get(key)
+            if done_until is not None:
+                if done_until > now:
+                    return _DONE
+                del self._done[key]
+            held = self._claims.get(key)
+            if held is not None and held[1] > now:
+                return Claim(ClaimState.BUSY, retry_after=held[1] - now)
+            token = str(next(self._tokens))
+            self._claims[key] = (token, now + lease)
+            if len(self._claims) > self.max_entries:
+                self._drop_expired_claims(now)
+            return Claim(ClaimState.ACQUIRED, token, self._handlers_done(key, now))
 
     def mark_handler_done(self, key: str, token: str, handler: str, ttl: float) -> None:
         """Remember that ``handler`` succeeded for ``key`` for ``ttl`` seconds."""
         now = self._clock()
         with self._lock:
-            entry = self._current(key, now)
-            if entry is None:
-                entry = self._entries[key] = _Entry(expires=now)
-                self._evict()
-            if entry.done:
+            if key in self._done:
                 return
-            entry.handlers.add(handler)
-            entry.handlers_expire = max(entry.handlers_expire, now + ttl)
+            expires, names = self._handlers.get(key, (0.0, set()))
+            if expires <= now:
+                names = set()
+            names.add(handler)
+            self._handlers[key] = (max(expires, now + ttl), names)
+            while len(self._handlers) > self.max_entries:
+                del self._handlers[next(iter(self._handlers))]
 
     def complete(self, key: str, token: str, ttl: float) -> None:
         """Remember ``key`` as done for ``ttl`` seconds, whoever holds the claim now."""
+        now = self._clock()
         with self._lock:
-            self._entries[key] = _Entry(expires=self._clock() + ttl, done=True)
-            self._entries.move_to_end(key)
-            self._evict()
+            self._claims.pop(key, None)
+            self._handlers.pop(key, None)
+            self._done.pop(key, None)  # re-inserted last, so eviction stays oldest-first
+            self._done[key] = now + ttl
+            while len(self._done) > self.max_entries:
+                del self._done[next(iter(self._done))]
 
     def release(self, key: str, token: str) -> None:
         """Drop the claim held with ``token``; keep the per-handler records."""
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and entry.token == token and not entry.done:
-                entry.token = ""
-                if not entry.handlers:
-                    del self._entries[key]
+            held = self._claims.get(key)
+            if held is not None and held[0] == token:
+                del self._claims[key]
 
-    def _current(self, key: str, now: float) -> _Entry | None:
-        """The live entry for ``key``, with expired parts dropped (lock held)."""
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry.handlers and entry.handlers_expire <= now:
-            entry.handlers.clear()
-        if entry.expires <= now:
-            if entry.done:
-                del self._entries[key]
-                return None
-            entry.token = ""  # the lease ran out: its worker died or outlived it
-        if not entry.done and not entry.token and not entry.handlers:
-            del self._entries[key]
-            return None
-        return entry
+    def _handlers_done(self, key: str, now: float) -> frozenset[str]:
+        record = self._handlers.get(key)
+        if record is None:
+            return frozenset()
+        if record[0] <= now:
+            del self._handlers[key]
+            return frozenset()
+        return frozenset(record[1])
 
-    def _evict(self) -> None:
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+    def _drop_expired_claims(self, now: float) -> None:
+        # Claims are few (one per delivery in progress) unless workers keep dying mid-handler.
+        for key in [k for k, (_, until) in self._claims.items() if until <= now]:
+            del self._claims[key]
