@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -63,7 +64,8 @@ DEFAULT_LEASE = timedelta(minutes=5)
 Headers = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]
 AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
 
-_JSON = {"Content-Type": "application/json"}
+# Read-only: the common responses below share it.
+_JSON: Mapping[str, str] = MappingProxyType({"Content-Type": "application/json"})
 #: Longer idempotency keys are replaced by a digest of themselves.
 _MAX_KEY_LENGTH = 200
 _SIGNATURE_HEADER_LOWER = SIGNATURE_HEADER.lower()
