@@ -45,7 +45,7 @@ def main() -> int:
         }
         argv = [sys.executable, "-m", "gunicorn", "--workers", "1"]
         argv += ["--bind", f"127.0.0.1:{port}", *no_control_socket(), "flask_app:app"]
-        print("$", " ".join(argv[1:]))
+        print("$ python", " ".join(argv[1:]))
         with open(Path(tmp, "server.log"), "w+b") as log:
             server = subprocess.Popen(
                 argv, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT,
