@@ -145,6 +145,8 @@ class Receiver(Router):
     it longer than your slowest handler. ``retention`` is how long handled events are
     remembered (default: the replay window plus the skew, so a replay is always caught).
     ``idempotency_key`` maps an event to its key (default ``"{event}:{run_id}"``).
+    ``max_body_size`` is in bytes. ``clock`` returns the current aware ``datetime`` for the
+    replay window (tests); by default the system clock.
     """
 
     def __init__(
