@@ -115,3 +115,23 @@ def post(
 
 
 PYTHON = sys.executable
+
+
+def gunicorn(app: str, port: int, workers: int = 2) -> list[str]:
+    """The command line of a gunicorn serving ``app`` on 127.0.0.1:``port``."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    argv = [PYTHON, "-m", "gunicorn", "--workers", str(workers), "--bind", f"127.0.0.1:{port}"]
+    argv += ["--timeout", "30", "--graceful-timeout", "5"]
+    if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS):
+        # gunicorn 24+ opens a control socket in $HOME by default, one for every server.
+        argv.append("--no-control-socket")
+    return [*argv, app]
+
+
+def uvicorn(app: str, port: int) -> list[str]:
+    """The command line of a uvicorn serving ``app`` on 127.0.0.1:``port``."""
+    argv = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)]
+    if app.startswith("django_project"):
+        argv += ["--lifespan", "off"]  # Django does not speak the lifespan protocol
+    return [*argv, app]

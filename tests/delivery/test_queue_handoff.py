@@ -15,7 +15,7 @@ import pytest
 
 from flymy_receiver.testing import make_event, signed_request
 from tests.conftest import SECRET, require
-from tests.servers import EXAMPLES, PYTHON, free_port, post, serve
+from tests.servers import EXAMPLES, PYTHON, free_port, gunicorn, post, serve
 
 EXAMPLE = EXAMPLES / "queue_handoff"
 
@@ -106,7 +106,7 @@ def test_the_readme_commands_work(redis_url: str, tmp_path: Path) -> None:
     env = {"REDIS_URL": redis_url, "FLYMY_WEBHOOK_SECRET": SECRET}
     env["LEADS_DB"] = str(tmp_path / "leads.sqlite3")
     port = free_port()
-    argv = [PYTHON, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{port}", "webhook_app:app"]
+    argv = gunicorn("webhook_app:app", port, workers=2)
     with serve(argv, port, env=env, cwd=EXAMPLE):
         for i in range(3):
             req = signed_request(make_event("run.completed", run_id=f"run_e{i}"), SECRET)

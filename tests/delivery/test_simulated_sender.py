@@ -21,7 +21,7 @@ import pytest
 
 from flymy_receiver.testing import make_event, signed_request
 from tests.conftest import SECRET, require
-from tests.servers import EXAMPLES, PYTHON, free_port, post, serve, server_log
+from tests.servers import EXAMPLES, free_port, gunicorn, post, serve, server_log
 
 EVENTS = 1000
 FAILED_EVERY = 10  # one event in ten is a run.failed
@@ -54,7 +54,7 @@ def test_every_event_handled_exactly_once(tmp_path: Path) -> None:
         "LEADS_DB": str(leads_db),
     }
     port = free_port()
-    argv = [PYTHON, "-m", "gunicorn", "-w", "4", "-b", f"127.0.0.1:{port}", "flask_app:app"]
+    argv = gunicorn("flask_app:app", port, workers=4)
     statuses: Counter[str] = Counter()
     lock = threading.Lock()
     deadline = time.monotonic() + DEADLINE

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SECRET, require
-from tests.servers import EXAMPLES, PYTHON, free_port, serve
+from tests.servers import EXAMPLES, free_port, gunicorn, serve, uvicorn
 
 #: Small, so that the limit tests send little; every example event is far below it.
 MAX_BODY_SIZE = 64 * 1024
@@ -58,19 +58,8 @@ class Server:
 
 
 def _argv(app: str, server: str, port: int) -> list[str]:
-    if server == "gunicorn":
-        from gunicorn.config import KNOWN_SETTINGS
-
-        # Two workers: a redelivery may reach the other one, so the store must be shared.
-        argv = [PYTHON, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}"]
-        argv += ["--timeout", "30", "--graceful-timeout", "5"]
-        if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS):
-            argv.append("--no-control-socket")  # otherwise one shared socket in $HOME
-        return [*argv, app]
-    argv = [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)]
-    if app.startswith("django_project"):
-        argv += ["--lifespan", "off"]  # Django does not speak the lifespan protocol
-    return [*argv, app]
+    # Two gunicorn workers: a redelivery may reach the other one, so the store must be shared.
+    return gunicorn(app, port, workers=2) if server == "gunicorn" else uvicorn(app, port)
 
 
 @pytest.fixture(scope="session", params=list(APPS))

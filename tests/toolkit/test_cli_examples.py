@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SECRET, require
-from tests.servers import EXAMPLES, PYTHON, free_port, serve, server_log
+from tests.servers import EXAMPLES, free_port, gunicorn, serve, server_log, uvicorn
 from tests.toolkit.cli_runner import cli
 
 pytestmark = pytest.mark.e2e
@@ -26,16 +26,8 @@ APPS: dict[str, tuple[str, str, str]] = {
 
 
 def _argv(app: str, server: str, port: int) -> list[str]:
-    if server == "gunicorn":
-        from gunicorn.config import KNOWN_SETTINGS
-
-        # Two workers sharing the SQLite store: duplicates are caught whichever worker answers.
-        argv = [PYTHON, "-m", "gunicorn", "--workers", "2", "--bind", f"127.0.0.1:{port}"]
-        argv += ["--timeout", "30", "--graceful-timeout", "5"]
-        if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS):
-            argv.append("--no-control-socket")  # otherwise one socket shared by all servers
-        return [*argv, app]
-    return [PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), app]
+    # Two gunicorn workers sharing the SQLite store: duplicates are caught whichever answers.
+    return gunicorn(app, port, workers=2) if server == "gunicorn" else uvicorn(app, port)
 
 
 def _rows(db: Path, table: str, run_id: str) -> list[tuple[Any, ...]]:
