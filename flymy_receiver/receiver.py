@@ -132,6 +132,16 @@ class _HandlerCall:
 
 
 _Action = _StoreCall | _HandlerCall
+_Plan = Generator[_Action, Any, Response]
+
+
+def _advance(plan: _Plan, result: Any, error: Exception | None = None) -> _Action | Response:
+    """Give the plan the outcome of its last step; get its next step, or its answer."""
+    try:
+        return plan.throw(error) if error is not None else plan.send(result)
+    except StopIteration as stop:
+        response: Response = stop.value
+        return response
 
 
 class Receiver(Router):
@@ -198,25 +208,20 @@ class Receiver(Router):
         if isinstance(delivery, Response):
             return delivery
         plan = self._deliver(delivery)
-        action = next(plan)
-        while True:
+        step = _advance(plan, None)
+        while not isinstance(step, Response):
             try:
-                if isinstance(action, _StoreCall):
-                    result = action.call(*action.args)
-                elif action.handler.is_async:
-                    result = run_coroutine(action.handler.func(action.event))
+                if isinstance(step, _StoreCall):
+                    result = step.call(*step.args)
+                elif step.handler.is_async:
+                    result = run_coroutine(step.handler.func(step.event))
                 else:
-                    result = action.handler.func(action.event)
+                    result = step.handler.func(step.event)
             except Exception as exc:  # handed to the plan, which decides
-                try:
-                    action = plan.throw(exc)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
-                continue
-            try:
-                action = plan.send(result)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                step = _advance(plan, None, exc)
+            else:
+                step = _advance(plan, result)
+        return step
 
     async def ahandle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
         """The async twin of :meth:`handle`: awaits async handlers, runs sync handlers and
@@ -225,27 +230,22 @@ class Receiver(Router):
         if isinstance(delivery, Response):
             return delivery
         plan = self._deliver(delivery)
-        action = next(plan)
+        step = _advance(plan, None)
         offload_store = getattr(self.store, "blocking", True)
-        while True:
+        while not isinstance(step, Response):
             try:
-                if isinstance(action, _StoreCall):
-                    call, args = action.call, action.args
+                if isinstance(step, _StoreCall):
+                    call, args = step.call, step.args
                     result = await asyncio.to_thread(call, *args) if offload_store else call(*args)
-                elif action.handler.is_async:
-                    result = await action.handler.func(action.event)
+                elif step.handler.is_async:
+                    result = await step.handler.func(step.event)
                 else:
-                    result = await asyncio.to_thread(action.handler.func, action.event)
+                    result = await asyncio.to_thread(step.handler.func, step.event)
             except Exception as exc:  # handed to the plan, which decides
-                try:
-                    action = plan.throw(exc)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
-                continue
-            try:
-                action = plan.send(result)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                step = _advance(plan, None, exc)
+            else:
+                step = _advance(plan, result)
+        return step
 
     def precheck(self, headers: Headers, method: str = "POST") -> Response | None:
         """The answer to give before reading the body, or ``None`` to go on reading.
@@ -314,7 +314,7 @@ class Receiver(Router):
             raise PayloadTooLarge(f"content-length {length}")
         return signatures
 
-    def _deliver(self, d: _Delivery) -> Generator[_Action, Any, Response]:
+    def _deliver(self, d: _Delivery) -> _Plan:
         """Claim the event, run the handlers that have not succeeded yet, record the result."""
         store = self.store
         try:
