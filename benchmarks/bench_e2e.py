@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
+import shutil
 import statistics
 import sys
 import time
@@ -42,10 +44,19 @@ SERVERS["Starlette (uvicorn), sync handler"] = SERVERS["Starlette (uvicorn)"]
 ENV = {"Starlette (uvicorn), sync handler": {"BENCH_HANDLER": "sync"}}
 
 
+# With two or more CPUs, the server runs on the first and the load on the second, so the two
+# do not take turns on one core (which made the ratio move by ±0.2 between runs).
+_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+PIN = len(_CPUS) >= 2 and shutil.which("taskset") is not None
+SERVER_CPU, LOAD_CPU = (_CPUS[0], _CPUS[1]) if PIN else (None, None)
+
+
 def _bind(argv: list[str], port: int) -> list[str]:
     if "uvicorn" in argv:
-        return [*argv[:3], "--port", str(port), *argv[3:]]
-    return [*argv[:3], "-b", f"127.0.0.1:{port}", *argv[3:]]
+        argv = [*argv[:3], "--port", str(port), *argv[3:]]
+    else:
+        argv = [*argv[:3], "-b", f"127.0.0.1:{port}", *argv[3:]]
+    return ["taskset", "-c", str(SERVER_CPU), *argv] if PIN else argv
 
 
 Result = tuple[int, float, list[int]]
@@ -57,6 +68,8 @@ def _load_in_child(port: int, requests: list[bytes], deadline: float) -> Result:
     receive, send = context.Pipe(duplex=False)
 
     def child() -> None:
+        if PIN:
+            os.sched_setaffinity(0, {LOAD_CPU})
         send.send(run_load(port, requests, deadline=deadline))
 
     process = context.Process(target=child)
@@ -115,7 +128,10 @@ def main() -> None:
             flush=True,
         )
     mode = "quick" if args.quick else "full"
-    print(f"\n({time.monotonic() - started:.0f} s, {mode} run, {rounds} rounds x {per_round})")
+    pinned = f", server on CPU {SERVER_CPU}, load on CPU {LOAD_CPU}" if PIN else ""
+    print(
+        f"\n({time.monotonic() - started:.0f} s, {mode} run, {rounds} rounds x {per_round}{pinned})"
+    )
 
 
 if __name__ == "__main__":
