@@ -68,7 +68,6 @@ AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
 _JSON: Mapping[str, str] = MappingProxyType({"Content-Type": "application/json"})
 #: Longer idempotency keys are replaced by a digest of themselves.
 _MAX_KEY_LENGTH = 200
-_SIGNATURE_HEADER_LOWER = SIGNATURE_HEADER.lower()
 #: Every request header the receiver reads. An adapter whose framework looks headers up
 #: case-insensitively may pass only these: iterating all of a WSGI environ's headers cost
 #: more than verifying a 1 KB body.
