@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
+import traceback
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,6 +39,7 @@ from .errors import (
     WebhookError,
 )
 from .events import RunCompleted, RunFailed, UnknownEvent
+from .journal import DEFAULT_JOURNAL_RETENTION, Journal, RefusalLog
 from .routing import Handler, OutputMismatch, Router, run_coroutine
 from .signature import (
     SIGNATURE_HEADER,
@@ -46,8 +49,9 @@ from .signature import (
     normalize_secrets,
     signature_candidates,
 )
-from .stores.base import Claim, ClaimState, Store
+from .stores.base import Claim, ClaimState, JournalStore, Store, journals
 from .stores.memory import MemoryStore
+from .stores.records import HandlerOutcome, JournalEntry, NewEntry
 
 __all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BODY_SIZE", "READ_HEADERS", "Receiver", "Response"]
 
@@ -106,12 +110,22 @@ def _refusal(error: WebhookError, retry_after: float | None = None) -> Response:
 
 @dataclass(slots=True)
 class _Delivery:
-    """An authentic, parsed event on its way to its handlers."""
+    """An authentic, parsed event on its way to its handlers (or replayed from the journal).
+
+    ``entry`` is what the journal records with the claim (``None`` when the journal is off
+    or for a replay); ``skip`` names handlers the journal already saw succeed. While a claim
+    is held, ``abandon`` gives it back if the delivery is cancelled mid-way.
+    """
 
     event: AnyEvent
     raw: Any
     key: str
     handlers: list[Handler]
+    entry: NewEntry | None = None
+    replay: bool = False
+    force: bool = False
+    skip: frozenset[str] = frozenset()
+    abandon: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -120,6 +134,12 @@ class _StoreCall:
 
     call: Callable[..., Any]
     args: tuple[Any, ...]
+    kwargs: dict[str, Any] | None = None
+
+    def __call__(self) -> Any:
+        if self.kwargs:
+            return self.call(*self.args, **self.kwargs)
+        return self.call(*self.args)
 
 
 @dataclass(slots=True)
@@ -155,7 +175,9 @@ class Receiver(Router):
     remembered (default: the replay window plus the skew, so a replay is always caught).
     ``idempotency_key`` maps an event to its key (default ``"{event}:{run_id}"``).
     ``max_body_size`` is in bytes. ``clock`` returns the current aware ``datetime`` for the
-    replay window (tests); by default the system clock.
+    replay window (tests); by default the system clock. ``journal`` keeps every authentic
+    delivery with its body in the store, for ``journal_retention`` after its last change
+    (see :attr:`journal`; ``False`` keeps idempotency records only).
     """
 
     def __init__(
@@ -170,6 +192,8 @@ class Receiver(Router):
         retention: timedelta | None = None,
         idempotency_key: Callable[[Any], str] | None = None,
         clock: Callable[[], datetime] | None = None,
+        journal: bool = True,
+        journal_retention: timedelta = DEFAULT_JOURNAL_RETENTION,
     ) -> None:
         super().__init__()
         self._keys = normalize_secrets(secret)
@@ -192,6 +216,18 @@ class Receiver(Router):
         self._lease_s = lease.total_seconds()
         self._retention_s = retention.total_seconds()
         self._hint_budget = _Budget(per_second=1.0, burst=10)
+        if journal_retention <= timedelta(0):
+            raise ValueError("journal_retention must be positive")
+        self.journal_retention = journal_retention
+        self._journal_retention_s = journal_retention.total_seconds()
+        #: The delivery journal (:class:`~flymy_receiver.journal.Journal`), or ``None`` when
+        #: ``journal=False`` or the store keeps no journal.
+        self.journal: Journal | None = None
+        self._refusal_log: RefusalLog | None = None
+        if journal and journals(self.store):
+            journal_store = _as_journal_store(self.store)
+            self._refusal_log = RefusalLog(journal_store)
+            self.journal = Journal(self, journal_store, self._refusal_log)
 
     def __repr__(self) -> str:
         return (
@@ -206,12 +242,16 @@ class Receiver(Router):
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
+        return self._run(delivery)
+
+    def _run(self, delivery: _Delivery) -> Response:
+        """The plain driver of the plan: every step is a direct call."""
         plan = self._deliver(delivery)
         step = _advance(plan, None)
         while not isinstance(step, Response):
             try:
                 if isinstance(step, _StoreCall):
-                    result = step.call(*step.args)
+                    result = step()
                 elif step.handler.is_async:
                     result = run_coroutine(step.handler.func(step.event))
                 else:
@@ -231,19 +271,26 @@ class Receiver(Router):
         plan = self._deliver(delivery)
         step = _advance(plan, None)
         offload_store = getattr(self.store, "blocking", True)
-        while not isinstance(step, Response):
-            try:
-                if isinstance(step, _StoreCall):
-                    call, args = step.call, step.args
-                    result = await asyncio.to_thread(call, *args) if offload_store else call(*args)
-                elif step.handler.is_async:
-                    result = await step.handler.func(step.event)
+        try:
+            while not isinstance(step, Response):
+                try:
+                    if isinstance(step, _StoreCall):
+                        result = await asyncio.to_thread(step) if offload_store else step()
+                    elif step.handler.is_async:
+                        result = await step.handler.func(step.event)
+                    else:
+                        result = await asyncio.to_thread(step.handler.func, step.event)
+                except Exception as exc:  # handed to the plan, which decides
+                    step = _advance(plan, None, exc)
                 else:
-                    result = await asyncio.to_thread(step.handler.func, step.event)
-            except Exception as exc:  # handed to the plan, which decides
-                step = _advance(plan, None, exc)
-            else:
-                step = _advance(plan, result)
+                    step = _advance(plan, result)
+        except BaseException:
+            # Cancelled (the client went away, a timeout): give the claim back now, so the
+            # sender's retry is not refused for a whole lease. It cannot be awaited here.
+            abandon = delivery.abandon
+            if abandon is not None:
+                _in_background(abandon)
+            raise
         return step
 
     def precheck(self, headers: Headers, method: str = "POST") -> Response | None:
@@ -256,6 +303,7 @@ class Receiver(Router):
             self._check_request(headers, method)
         except WebhookError as exc:
             _log_refusal(exc, None)
+            self._note_refusal(exc)
             return _refusal(exc)
         return None
 
@@ -278,7 +326,7 @@ class Receiver(Router):
                 raise PayloadTooLarge(f"{len(body)} bytes")
             candidates = signature_candidates(signatures)
             try:
-                match_signature(body, candidates, self._keys)
+                secret_index = match_signature(body, candidates, self._keys)
             except InvalidSignature as exc:
                 exc.detail = explain_mismatch(
                     body, self._keys, candidates, signatures, deep=self._hint_budget.take()
@@ -288,11 +336,13 @@ class Receiver(Router):
             self._check_window(event)
         except WebhookError as exc:
             _log_refusal(exc, event)
+            self._note_refusal(exc)
             return _refusal(exc)
         handlers = self.handlers_for(event)
         if not handlers:
             logger.debug("no handler for %s (run %s)", event.event, _run_id(event))
-            return _RECEIVED
+            if self.journal is None:
+                return _RECEIVED
         try:
             key = self._key_for(event, body)
         except Exception as exc:  # a custom idempotency_key is user code: it must not escape
@@ -300,7 +350,46 @@ class Receiver(Router):
                 "idempotency_key failed for %s (run %s)", event.event, _run_id(event), exc_info=exc
             )
             return _refusal(HandlerFailed(code="idempotency_key_failed"))
-        return _Delivery(event, raw, key, handlers)
+        entry = None
+        if self.journal is not None:
+            entry = self._new_entry(event, key, body, secret_index)
+        return _Delivery(event, raw, key, handlers, entry)
+
+    def _new_entry(self, event: AnyEvent, key: str, body: bytes, secret_index: int) -> NewEntry:
+        if isinstance(event, UnknownEvent):
+            agent_id, agent_name = event.data.get("agent_id"), event.data.get("agent_name")
+            agent_id = agent_id if isinstance(agent_id, str) else None
+            agent_name = agent_name if isinstance(agent_name, str) else None
+        else:
+            agent_id, agent_name = event.data.agent_id, event.data.agent_name
+        # What the receiver read; the signature itself is never kept (it is the expected one).
+        headers = {
+            SIGNATURE_HEADER: f"valid (secret {secret_index + 1} of {len(self._keys)})",
+            "Content-Length": str(len(body)),
+        }
+        return NewEntry(
+            key=key,
+            event=event.event,
+            run_id=_run_id(event),
+            agent_id=agent_id,
+            agent_name=agent_name,
+            body=body,
+            headers=headers,
+            retention=self._journal_retention_s,
+        )
+
+    def _note_refusal(self, error: WebhookError) -> None:
+        if self._refusal_log is not None:
+            self._refusal_log.note(error.status, error.code, error.detail)
+
+    def _replay(self, entry: JournalEntry, force: bool) -> Response:
+        """Deliver a journal entry again through the same plan (see Journal.replay)."""
+        event, raw = _events.parse_event(entry.body)  # authenticated when it arrived
+        skip = frozenset() if force else frozenset(n for n, o in entry.handlers.items() if o.ok)
+        delivery = _Delivery(
+            event, raw, entry.key, self.handlers_for(event), replay=True, force=force, skip=skip
+        )
+        return self._run(delivery)
 
     def _check_request(self, headers: Headers, method: str) -> list[str | bytes]:
         """Method, encoding and declared length; returns the signature header lines."""
@@ -314,10 +403,28 @@ class Receiver(Router):
         return signatures
 
     def _deliver(self, d: _Delivery) -> _Plan:
-        """Claim the event, run the handlers that have not succeeded yet, record the result."""
+        """Claim the event, run the handlers that have not succeeded yet, record the result.
+
+        With the journal on, the same store calls carry the entry and each handler's
+        outcome. A replay runs this same plan over a stored body.
+        """
         store = self.store
+        journal = self.journal is not None
+        if not d.handlers and d.entry is not None:
+            try:  # nothing can be lost: the answer is 200 whatever the store says
+                yield _StoreCall(_as_journal_store(store).journal_ignore, (d.entry,))
+            except Exception as exc:
+                logger.warning("could not journal ignored event %s: %r", d.key[:200], exc)
+            return _RECEIVED
         try:
-            claim: Claim = yield _StoreCall(store.claim, (d.key, self._lease_s))
+            if journal:
+                claim: Claim = yield _StoreCall(
+                    store.claim,
+                    (d.key, self._lease_s, d.entry),
+                    {"replay": True, "force": d.force} if d.replay else None,
+                )
+            else:
+                claim = yield _StoreCall(store.claim, (d.key, self._lease_s))
         except Exception as exc:
             return self._store_failed(exc, d, "claim")
         if claim.state is ClaimState.DONE:
@@ -327,30 +434,46 @@ class Receiver(Router):
             error = EventInFlight(f"key {d.key!r}")
             _log_refusal(error, d.event, level=logging.INFO)
             return _refusal(error, retry_after=min(claim.retry_after, 60.0))
+        token = claim.token
+        d.abandon = lambda: store.release(d.key, token)
+        outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
         for handler in d.handlers:
-            if handler.id in claim.done_handlers:
+            if handler.id in claim.done_handlers or handler.id in d.skip:
                 continue
             try:
                 typed = handler.typed_event(d.event, d.raw)
                 yield _HandlerCall(handler, typed)
             except Exception as exc:
                 self._log_handler_failure(handler, d, exc)
+                release_args: tuple[Any, ...] = (d.key, token)
+                if outcomes is not None:
+                    outcomes[handler.id] = _failure(exc)
+                    release_args = (d.key, token, outcomes)
                 try:
-                    yield _StoreCall(store.release, (d.key, claim.token))
+                    yield _StoreCall(store.release, release_args)
                 except Exception as release_exc:  # the lease will expire on its own
                     logger.warning("could not release the claim on %s: %r", d.key, release_exc)
+                d.abandon = None
                 return _refusal(HandlerFailed())
+            outcome = HandlerOutcome(ok=True, at=time.time()) if outcomes is not None else None
+            if outcomes is not None and outcome is not None:
+                outcomes[handler.id] = outcome
             if len(d.handlers) > 1:
+                mark_args: tuple[Any, ...] = (d.key, token, handler.id, self._retention_s)
+                if outcome is not None:
+                    mark_args = (*mark_args, outcome)
                 try:
-                    yield _StoreCall(
-                        store.mark_handler_done, (d.key, claim.token, handler.id, self._retention_s)
-                    )
+                    yield _StoreCall(store.mark_handler_done, mark_args)
                 except Exception as exc:
                     return self._store_failed(exc, d, "record a handler of")
+        complete_args: tuple[Any, ...] = (d.key, token, self._retention_s)
+        if outcomes is not None:
+            complete_args = (*complete_args, outcomes)
         try:
-            yield _StoreCall(store.complete, (d.key, claim.token, self._retention_s))
+            yield _StoreCall(store.complete, complete_args)
         except Exception as exc:
             return self._store_failed(exc, d, "record")
+        d.abandon = None
         return _RECEIVED
 
     # -- pieces ---------------------------------------------------------------------------
@@ -521,3 +644,31 @@ class _Budget:
             return False
         self._tokens -= 1
         return True
+
+
+def _as_journal_store(store: Store) -> JournalStore:
+    """``store`` as a journaling store (checked by :func:`journals` before use)."""
+    return store  # type: ignore[return-value]
+
+
+def _failure(exc: BaseException) -> HandlerOutcome:
+    """A failed handler's outcome: its error line and traceback, for the journal only."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return HandlerOutcome(
+        ok=False,
+        error=f"{type(exc).__name__}: {exc}"[:1000],
+        traceback=text[-20_000:],
+        at=time.time(),
+    )
+
+
+def _in_background(work: Callable[[], None]) -> None:
+    """Run best-effort cleanup without waiting for it (it may block on the store)."""
+
+    def run() -> None:
+        try:
+            work()
+        except Exception as exc:  # the lease will expire on its own
+            logger.debug("cleanup after a cancelled delivery failed: %r", exc)
+
+    threading.Thread(target=run, name="flymy-release", daemon=True).start()

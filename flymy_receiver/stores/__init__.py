@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Claim, ClaimState, Store
+from .base import Claim, ClaimState, JournalStore, Store
 from .memory import MemoryStore
+from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal
 
 if TYPE_CHECKING:
     from .redis import RedisStore
@@ -18,7 +19,12 @@ if TYPE_CHECKING:
 __all__ = [
     "Claim",
     "ClaimState",
+    "HandlerOutcome",
+    "JournalEntry",
+    "JournalStore",
     "MemoryStore",
+    "NewEntry",
+    "Refusal",
     "RedisStore",
     "SQLiteStore",
     "Store",

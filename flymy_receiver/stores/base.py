@@ -16,15 +16,37 @@ without running its handlers again. Every implementation follows the same contra
   meanwhile (the work *was* done: forgetting it would only run it again); ``release`` acts
   only while ``token`` still holds the claim, so a late worker never frees someone else's.
 - A store that cannot be reached raises :class:`~flymy_receiver.errors.StoreUnavailable`.
+
+A store that also keeps the delivery journal (:class:`JournalStore`) takes the journal's
+facts with the same calls, so that the entry changes in the same atomic step as the claim:
+
+- ``claim(key, lease, entry)`` creates the entry (state ``pending``, one attempt) or counts
+  one more attempt on it (duplicates included); a claim that is acquired makes it
+  ``pending``. ``claim(key, lease, replay=True)`` is a replay: it counts no attempt;
+  ``force=True`` acquires even a done key (never a held one) and reports no done handlers.
+- ``mark_handler_done(..., outcome)`` and ``complete(..., outcomes)`` record each handler's
+  latest outcome; ``complete`` makes the entry ``handled``. ``release(key, token,
+  outcomes)`` records the outcomes and makes the entry ``failed``, only while ``token``
+  still holds the claim.
+- ``journal_ignore(entry)`` records an authentic event no handler wanted (``ignored``).
+- ``journal_get(key_or_run_id)`` finds an entry by key, else the newest entry of that run;
+  ``journal_list`` lists entries newest first (by ``received_at``); entries expire
+  ``entry.retention`` seconds after their last change.
+- ``record_refusal`` keeps a refused delivery (no body); ``refusals`` lists the newest
+  first. Stores keep a bounded number of refusals.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Claim", "ClaimState", "Store"]
+from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal
+
+__all__ = ["Claim", "ClaimState", "JournalStore", "Store", "journals"]
 
 
 class ClaimState(enum.Enum):
@@ -67,3 +89,63 @@ class Store(Protocol):
     def release(self, key: str, token: str) -> None:
         """Give up the claim held with ``token`` (a no-op if it is no longer held)."""
         ...
+
+
+@runtime_checkable
+class JournalStore(Store, Protocol):
+    """A store that also keeps the delivery journal (see the module docstring)."""
+
+    def claim(  # the journal's arguments are optional extras
+        self,
+        key: str,
+        lease: float,
+        entry: NewEntry | None = None,
+        *,
+        replay: bool = False,
+        force: bool = False,
+    ) -> Claim: ...
+
+    def mark_handler_done(
+        self, key: str, token: str, handler: str, ttl: float, outcome: HandlerOutcome | None = None
+    ) -> None: ...
+
+    def complete(
+        self, key: str, token: str, ttl: float, outcomes: Mapping[str, HandlerOutcome] | None = None
+    ) -> None: ...
+
+    def release(
+        self, key: str, token: str, outcomes: Mapping[str, HandlerOutcome] | None = None
+    ) -> None: ...
+
+    def journal_ignore(self, entry: NewEntry) -> None:
+        """Record an authentic event that no handler wanted."""
+        ...
+
+    def journal_get(self, key_or_run_id: str) -> JournalEntry | None:
+        """The entry with this key, else the newest entry for this run id."""
+        ...
+
+    def journal_list(
+        self,
+        *,
+        state: str | None = None,
+        event: str | None = None,
+        agent_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[JournalEntry]:
+        """Entries newest first, filtered."""
+        ...
+
+    def record_refusal(self, refusal: Refusal) -> None:
+        """Keep one refused delivery (bounded; oldest dropped first)."""
+        ...
+
+    def refusals(self, limit: int = 100) -> list[Refusal]:
+        """Refused deliveries, newest first."""
+        ...
+
+
+def journals(store: Store) -> bool:
+    """Whether ``store`` keeps the delivery journal."""
+    return callable(getattr(store, "journal_list", None))

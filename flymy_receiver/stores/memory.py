@@ -5,9 +5,13 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
 
 from .base import Claim, ClaimState
+from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal, to_datetime
 
 __all__ = ["MemoryStore"]
 
@@ -22,17 +26,32 @@ class MemoryStore:
     When ``max_entries`` handled events are remembered, the oldest are forgotten first, so a
     duplicate of a very old event could run again; size it for the deliveries of your replay
     window (each record takes about a hundred bytes). Nothing survives a restart.
+
+    The journal keeps the newest ``max_journal`` entries (bodies included) and
+    ``max_refusals`` refusals: enough to develop with, bounded whatever arrives.
     """
 
     blocking = False
 
     def __init__(
-        self, max_entries: int = 100_000, *, clock: Callable[[], float] = time.monotonic
+        self,
+        max_entries: int = 100_000,
+        *,
+        max_journal: int = 1_000,
+        max_refusals: int = 200,
+        clock: Callable[[], float] | None = None,
     ) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
+        if max_entries < 1 or max_journal < 1 or max_refusals < 1:
+            raise ValueError("max_entries, max_journal and max_refusals must be at least 1")
         self.max_entries = max_entries
-        self._clock = clock
+        self.max_journal = max_journal
+        self._clock = clock if clock is not None else time.monotonic
+        # Journal times are shown to people, so they come from the wall clock.
+        self._wall = clock if clock is not None else time.time
+        # key -> the entry's fields; insertion order is arrival order (oldest first).
+        self._journal: dict[str, dict[str, Any]] = {}
+        self._by_run: dict[str, str] = {}  # run id -> key of its newest entry
+        self._refusals: deque[Refusal] = deque(maxlen=max_refusals)
         # Three plain dicts rather than one of record objects: a handled event is a str ->
         # float entry, which the garbage collector never has to walk.
         self._done: dict[str, float] = {}  # key -> end of retention
@@ -47,28 +66,51 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore(max_entries={self.max_entries}, entries={len(self)})"
 
-    def claim(self, key: str, lease: float) -> Claim:
+    def claim(
+        self,
+        key: str,
+        lease: float,
+        entry: NewEntry | None = None,
+        *,
+        replay: bool = False,
+        force: bool = False,
+    ) -> Claim:
         """Take ``key`` for ``lease`` seconds unless it is done or held by a live claim."""
         now = self._clock()
         with self._lock:
-            done_until = self._done.get(key)
-            if done_until is not None:
-                if done_until > now:
-                    return _DONE
-                del self._done[key]
-            held = self._claims.get(key)
-            if held is not None and held[1] > now:
-                return Claim(ClaimState.BUSY, retry_after=held[1] - now)
-            token = str(next(self._tokens))
-            self._claims[key] = (token, now + lease)
-            if len(self._claims) > self.max_entries:
-                self._drop_expired_claims(now)
-            return Claim(ClaimState.ACQUIRED, token, self._handlers_done(key, now))
+            claim = self._claim(key, lease, now, force)
+            if entry is not None:
+                self._journal_delivery(entry, claim.state is ClaimState.ACQUIRED)
+            elif replay and claim.state is ClaimState.ACQUIRED:
+                self._journal_update(key, state="pending")
+            return claim
 
-    def mark_handler_done(self, key: str, token: str, handler: str, ttl: float) -> None:
+    def _claim(self, key: str, lease: float, now: float, force: bool) -> Claim:
+        done_until = self._done.get(key)
+        if done_until is not None:
+            if done_until > now and not force:
+                return _DONE
+            del self._done[key]
+        held = self._claims.get(key)
+        if held is not None and held[1] > now:
+            return Claim(ClaimState.BUSY, retry_after=held[1] - now)
+        token = str(next(self._tokens))
+        self._claims[key] = (token, now + lease)
+        if len(self._claims) > self.max_entries:
+            self._drop_expired_claims(now)
+        if force:
+            self._handlers.pop(key, None)
+            return Claim(ClaimState.ACQUIRED, token)
+        return Claim(ClaimState.ACQUIRED, token, self._handlers_done(key, now))
+
+    def mark_handler_done(
+        self, key: str, token: str, handler: str, ttl: float, outcome: HandlerOutcome | None = None
+    ) -> None:
         """Remember that ``handler`` succeeded for ``key`` for ``ttl`` seconds."""
         now = self._clock()
         with self._lock:
+            if outcome is not None:
+                self._journal_update(key, outcomes={handler: outcome})
             if key in self._done:
                 return
             expires, names = self._handlers.get(key, (0.0, set()))
@@ -79,10 +121,14 @@ class MemoryStore:
             while len(self._handlers) > self.max_entries:
                 del self._handlers[next(iter(self._handlers))]
 
-    def complete(self, key: str, token: str, ttl: float) -> None:
+    def complete(
+        self, key: str, token: str, ttl: float, outcomes: Mapping[str, HandlerOutcome] | None = None
+    ) -> None:
         """Remember ``key`` as done for ``ttl`` seconds, whoever holds the claim now."""
         now = self._clock()
         with self._lock:
+            if outcomes is not None:
+                self._journal_update(key, state="handled", outcomes=outcomes)
             self._claims.pop(key, None)
             self._handlers.pop(key, None)
             self._done.pop(key, None)  # re-inserted last, so eviction stays oldest-first
@@ -90,12 +136,127 @@ class MemoryStore:
             while len(self._done) > self.max_entries:
                 del self._done[next(iter(self._done))]
 
-    def release(self, key: str, token: str) -> None:
+    def release(
+        self, key: str, token: str, outcomes: Mapping[str, HandlerOutcome] | None = None
+    ) -> None:
         """Drop the claim held with ``token``; keep the per-handler records."""
         with self._lock:
             held = self._claims.get(key)
             if held is not None and held[0] == token:
                 del self._claims[key]
+                if outcomes is not None:
+                    self._journal_update(key, state="failed", outcomes=outcomes)
+
+    # -- the journal --------------------------------------------------------------------
+
+    def journal_ignore(self, entry: NewEntry) -> None:
+        """Record an authentic event that no handler wanted."""
+        with self._lock:
+            self._journal_delivery(entry, False, state="ignored")
+
+    def journal_get(self, key_or_run_id: str) -> JournalEntry | None:
+        """The entry with this key, else the newest entry for this run id."""
+        with self._lock:
+            self._expire_journal()
+            fields = self._journal.get(key_or_run_id)
+            if fields is None:
+                key = self._by_run.get(key_or_run_id)
+                fields = self._journal.get(key) if key is not None else None
+            return _entry(fields) if fields is not None else None
+
+    def journal_list(
+        self,
+        *,
+        state: str | None = None,
+        event: str | None = None,
+        agent_id: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100,
+    ) -> list[JournalEntry]:
+        """Entries newest first, filtered."""
+        after = since.timestamp() if since is not None else None
+        found: list[JournalEntry] = []
+        with self._lock:
+            self._expire_journal()
+            for fields in reversed(self._journal.values()):
+                if len(found) >= limit:
+                    break
+                if (
+                    (state is None or fields["state"] == state)
+                    and (event is None or fields["event"] == event)
+                    and (agent_id is None or fields["agent_id"] == agent_id)
+                    and (after is None or fields["received_at"] >= after)
+                ):
+                    found.append(_entry(fields))
+        return found
+
+    def record_refusal(self, refusal: Refusal) -> None:
+        """Keep one refused delivery; the oldest go first past ``max_refusals``."""
+        with self._lock:
+            self._refusals.append(refusal)
+
+    def refusals(self, limit: int = 100) -> list[Refusal]:
+        """Refused deliveries, newest first."""
+        with self._lock:
+            return list(reversed(self._refusals))[:limit]
+
+    def _journal_delivery(self, entry: NewEntry, acquired: bool, state: str = "pending") -> None:
+        now = self._wall()
+        fields = self._journal.get(entry.key)
+        if fields is None:
+            self._journal[entry.key] = {
+                "key": entry.key,
+                "event": entry.event,
+                "run_id": entry.run_id,
+                "agent_id": entry.agent_id,
+                "agent_name": entry.agent_name,
+                "state": state,
+                "attempts": 1,
+                "received_at": now,
+                "updated_at": now,
+                "body": entry.body,
+                "headers": dict(entry.headers),
+                "handlers": {},
+                "retention": entry.retention,
+            }
+            if entry.run_id is not None:
+                self._by_run[entry.run_id] = entry.key
+            while len(self._journal) > self.max_journal:
+                self._forget(next(iter(self._journal)))
+            return
+        fields["attempts"] += 1
+        fields["updated_at"] = now
+        fields["retention"] = entry.retention
+        if acquired or state == "ignored":
+            fields["state"] = state
+
+    def _journal_update(
+        self,
+        key: str,
+        *,
+        state: str | None = None,
+        outcomes: Mapping[str, HandlerOutcome] | None = None,
+    ) -> None:
+        fields = self._journal.get(key)
+        if fields is None:  # forgotten meanwhile (bounded journal): nothing to update
+            return
+        if state is not None:
+            fields["state"] = state
+        if outcomes:
+            fields["handlers"].update(outcomes)
+        fields["updated_at"] = self._wall()
+
+    def _expire_journal(self) -> None:
+        now = self._wall()
+        gone = [k for k, f in self._journal.items() if f["updated_at"] + f["retention"] <= now]
+        for key in gone:
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        fields = self._journal.pop(key)
+        run_id = fields["run_id"]
+        if run_id is not None and self._by_run.get(run_id) == key:
+            del self._by_run[run_id]
 
     def _handlers_done(self, key: str, now: float) -> frozenset[str]:
         record = self._handlers.get(key)
@@ -110,3 +271,20 @@ class MemoryStore:
         # Claims are few (one per delivery in progress) unless workers keep dying mid-handler.
         for key in [k for k, (_, until) in self._claims.items() if until <= now]:
             del self._claims[key]
+
+
+def _entry(fields: Mapping[str, Any]) -> JournalEntry:
+    return JournalEntry(
+        key=fields["key"],
+        event=fields["event"],
+        run_id=fields["run_id"],
+        agent_id=fields["agent_id"],
+        agent_name=fields["agent_name"],
+        state=fields["state"],
+        attempts=fields["attempts"],
+        received_at=to_datetime(fields["received_at"]),
+        updated_at=to_datetime(fields["updated_at"]),
+        body=fields["body"],
+        headers=dict(fields["headers"]),
+        handlers=dict(fields["handlers"]),
+    )

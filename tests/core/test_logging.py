@@ -215,7 +215,7 @@ def test_a_handler_failure_is_logged_once_with_its_traceback(rx: Receivers) -> N
 
 def test_a_store_failure_is_logged_once_with_a_reason(caplog: pytest.LogCaptureFixture) -> None:
     class DownStore(MemoryStore):
-        def claim(self, key: str, lease: float) -> Any:
+        def claim(self, key: str, lease: float, *args: Any, **kwargs: Any) -> Any:
             raise ConnectionError("store is down")
 
     caplog.set_level(logging.DEBUG, logger="flymy_receiver")

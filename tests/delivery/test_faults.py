@@ -110,17 +110,17 @@ class _FlakyStore(MemoryStore):
         if name in self.failing:
             raise StoreUnavailable(f"{name}: connection refused to 10.0.0.5")
 
-    def claim(self, key: str, lease: float) -> Claim:
+    def claim(self, key: str, lease: float, *args: Any, **kwargs: Any) -> Claim:
         self._maybe_fail("claim")
-        return super().claim(key, lease)
+        return super().claim(key, lease, *args, **kwargs)
 
-    def mark_handler_done(self, key: str, token: str, handler: str, ttl: float) -> None:
+    def mark_handler_done(self, key: str, token: str, handler: str, ttl: float, *args: Any) -> None:
         self._maybe_fail("mark_handler_done")
-        super().mark_handler_done(key, token, handler, ttl)
+        super().mark_handler_done(key, token, handler, ttl, *args)
 
-    def complete(self, key: str, token: str, ttl: float) -> None:
+    def complete(self, key: str, token: str, ttl: float, *args: Any) -> None:
         self._maybe_fail("complete")
-        super().complete(key, token, ttl)
+        super().complete(key, token, ttl, *args)
 
 
 def test_unreachable_store_is_503_with_no_call() -> None:
@@ -142,7 +142,7 @@ def test_unreachable_store_is_503_with_no_call() -> None:
 
 def test_a_store_that_raises_anything_is_503_not_a_crash() -> None:
     class Broken(MemoryStore):
-        def claim(self, key: str, lease: float) -> Claim:
+        def claim(self, key: str, lease: float, *args: Any, **kwargs: Any) -> Claim:
             raise KeyError("surprise")
 
     receiver = Receiver(SECRET, store=Broken())
@@ -219,9 +219,9 @@ def test_huge_run_ids_make_short_store_keys() -> None:
     seen: list[str] = []
 
     class Spy(MemoryStore):
-        def claim(self, key: str, lease: float) -> Claim:
+        def claim(self, key: str, lease: float, *args: Any, **kwargs: Any) -> Claim:
             seen.append(key)
-            return super().claim(key, lease)
+            return super().claim(key, lease, *args, **kwargs)
 
     receiver = Receiver(SECRET, store=Spy())
     receiver.on("run.completed")(lambda event: None)

@@ -17,6 +17,8 @@ import pytest
 from flymy_receiver.stores import MemoryStore, Store
 
 BACKENDS = ["memory", "sqlite", "redis"]
+#: The stores that keep the delivery journal too (tests/stores/test_journal_contract.py).
+JOURNAL_BACKENDS = ["memory"]
 
 
 class FakeClock:
