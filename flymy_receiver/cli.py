@@ -472,6 +472,9 @@ def _print_delivery(
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape_controls(text: str, keep: str = "") -> str:
     """``text`` with each control character shown as an escape (``\\x1b``), except ``keep``."""
 
@@ -479,6 +482,9 @@ def _escape_controls(text: str, keep: str = "") -> str:
         char = match.group()
         if char in keep:
             return char
+        named = _NAMED_ESCAPES.get(char)
+        if named is not None:
+            return named
         code = ord(char)
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
