@@ -66,10 +66,16 @@ def _deliver(port: int, **fields: Any) -> Any:
     return event
 
 
-def _row_texts(browser: Any) -> list[str]:
-    from selenium.webdriver.common.by import By
+def _texts(browser: Any, selector: str) -> list[str]:
+    # Read in one script call: the page replaces its rows as it polls, so element handles
+    # taken one by one could go stale between two calls.
+    script = "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText);"
+    texts: list[str] = browser.execute_script(script, selector)
+    return texts
 
-    return [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#rows tr")]
+
+def _row_texts(browser: Any) -> list[str]:
+    return _texts(browser, "#rows tr")
 
 
 def test_a_delivery_sent_over_http_appears_without_a_reload(listener: int, browser: Any) -> None:
@@ -91,8 +97,7 @@ def test_a_refusal_shows_its_reason(listener: int, browser: Any) -> None:
     assert post(listener, forged.body, forged.headers)[0] == 401
 
     def refusal_text(b: Any) -> str:
-        text: str = b.find_element("id", "refusals").text
-        return text if "signature_mismatch" in text else ""
+        return next((t for t in _texts(b, "#refusals li") if "signature_mismatch" in t), "")
 
     text = wait_for(browser, refusal_text, "the refusal did not appear")
     assert "401" in text
@@ -112,7 +117,7 @@ def test_a_script_payload_is_shown_as_text_and_never_runs(listener: int, browser
     assert image in row
     assert browser.find_elements(By.CSS_SELECTOR, "#rows img") == []
     browser.find_element(By.LINK_TEXT, "run_xss").click()
-    wait_for(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "pre.body"), "no detail page")
+    _wait_for_detail(browser, "run.completed:run_xss")
     body = browser.find_element(By.CSS_SELECTOR, "pre.body").text
     assert "window.pwned = 'script'" in body
     assert "<script>" in body
@@ -128,7 +133,16 @@ def _send_from_the_form(browser: Any, port: int, run_id: str, agent_name: str) -
     browser.find_element(By.ID, "s-run").send_keys(run_id)
     browser.find_element(By.ID, "s-agent-name").send_keys(agent_name)
     browser.find_element(By.XPATH, "//button[normalize-space()='Send test event']").click()
-    wait_for(browser, lambda b: "/deliveries/" in b.current_url, "the form did not redirect")
+    _wait_for_detail(browser, f"run.completed:{run_id}")
+
+
+def _wait_for_detail(browser: Any, key: str) -> None:
+    """Wait until the detail page of ``key`` has loaded (not just been navigated to)."""
+    script = (
+        "var a = document.querySelector('article.detail');"
+        " return document.readyState === 'complete' && a !== null ? a.dataset.key : null;"
+    )
+    wait_for(browser, lambda b: b.execute_script(script) == key, f"no detail page for {key}")
 
 
 def test_a_failed_delivery_page_shows_the_error(inspector: int, browser: Any) -> None:
@@ -160,14 +174,9 @@ def test_replay_runs_the_fixed_handler_and_the_state_turns_handled(
     (fixes / "run_browser_replay").touch()  # the fix is deployed
     replay = browser.find_element(By.XPATH, "//button[normalize-space()='Replay']")
     replay.send_keys(Keys.ENTER)  # a real button: the keyboard works
-    wait_for(
-        browser,
-        lambda b: (
-            b.find_elements(By.CSS_SELECTOR, ".notice")
-            and b.find_element(By.CSS_SELECTOR, ".notice").text == "Replayed."
-        ),
-        "no replay notice",
-    )
+    notice = "var n = document.querySelector('.notice'); return n ? n.textContent : null;"
+    wait_for(browser, lambda b: b.execute_script(notice) == "Replayed.", "no replay notice")
+    _wait_for_detail(browser, "run.completed:run_browser_replay")
     assert browser.find_element(By.ID, "state").text == "handled"
     handler = browser.find_element(By.CSS_SELECTOR, ".handler")
     assert "ok" in handler.text
@@ -176,11 +185,22 @@ def test_replay_runs_the_fixed_handler_and_the_state_turns_handled(
 
 
 def test_a_phone_sized_window_needs_no_sideways_scrolling(listener: int) -> None:
-    _deliver(listener, run_id="run_phone_" + "x" * 60, agent_name="A rather long agent name")
+    from selenium.webdriver.common.by import By
+
+    run_id = "run_phone_" + "x" * 60
+    _deliver(listener, run_id=run_id, agent_name="A rather long agent name " * 3)
     with chromium(width=390, height=844) as phone:
         phone.get(f"http://127.0.0.1:{listener}/")
         wait_for(phone, lambda b: _row_texts(b), "no rows")
-        overflow = phone.execute_script(
-            "return document.documentElement.scrollWidth - document.documentElement.clientWidth;"
-        )
-        assert overflow <= 0
+        pages = {"list": phone.execute_script(_OVERFLOW)}
+        phone.find_element(By.LINK_TEXT, run_id).click()
+        _wait_for_detail(phone, f"run.completed:{run_id}")
+        pages["detail"] = phone.execute_script(_OVERFLOW)
+        assert pages == {"list": 0, "detail": 0}
+
+
+# How far the page is wider than the window (long lines scroll inside their own boxes).
+_OVERFLOW = (
+    "return Math.max(0, document.documentElement.scrollWidth"
+    " - document.documentElement.clientWidth);"
+)

@@ -167,7 +167,7 @@ def test_the_list_page_renders_rows_and_refusals(receiver: Receiver, client: Any
     receiver.handle(b"{}", {"X-FlyMyAI-Signature": "0" * 64})
     html = client.get("/").text
     assert 'href="/deliveries/run.completed%3Arun_row">run_row</a>' in html
-    assert 'Lead Scorer <span class="sub">agent_7</span>' in html
+    assert 'Lead Scorer <span class="sub id">agent_7</span>' in html
     assert "<code>signature_mismatch</code>" in html
     assert "1 shown, newest first" in html
 

@@ -111,10 +111,11 @@
         });
         var link = el("a", null, d.run_id !== null && d.run_id !== undefined ? d.run_id : d.key);
         link.href = deliveryUrl(d.key);
+        tr.children[2].className = "run";
         tr.children[2].appendChild(link);
         if (d.agent_name && d.agent_id) {
           tr.children[3].appendChild(document.createTextNode(" "));
-          tr.children[3].appendChild(el("span", "sub", d.agent_id));
+          tr.children[3].appendChild(el("span", "sub id", d.agent_id));
         }
         tr.children[4].appendChild(el("span", "state state-" + d.state, d.state));
         fresh.appendChild(tr);
@@ -133,10 +134,9 @@
         head.appendChild(el("span", "status", r.status));
         head.appendChild(document.createTextNode(" "));
         head.appendChild(el("code", null, r.reason));
-        head.appendChild(document.createTextNode(" "));
-        head.appendChild(el("time", null, when(r.at)));
         li.appendChild(head);
         if (r.detail) li.appendChild(el("span", "hint", r.detail));
+        li.appendChild(el("time", null, when(r.at)));
         fresh.appendChild(li);
       });
       refusals.replaceChildren(fresh);
