@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from flymy_receiver.testing import make_event, signed_request
-from tests.conftest import SECRET
+from tests.conftest import SECRET, require
 from tests.inspector import sample_app
 from tests.servers import PYTHON, ROOT, free_port, post, serve, server_log, stop
 from tests.toolkit.cli_runner import cli
@@ -116,6 +116,7 @@ def test_a_store_url_password_is_never_printed(command: str, url: str) -> None:
 def test_inspect_prints_the_store_url_without_its_password(tmp_path: Path) -> None:
     # Whether this store journals or not, its password must not be printed: stop it as soon
     # as it said what it serves (or failed to).
+    require("redis")
     port = free_port()
     url = "redis://reader:hunter2@127.0.0.1:1/0"
     argv = [PYTHON, "-m", "flymy_receiver", "inspect", "--port", str(port), "--store", url]
