@@ -268,9 +268,16 @@ class Receiver(Router):
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
+        offload_store = getattr(self.store, "blocking", True)
+        if not any(h.is_async for h in delivery.handlers) and (
+            offload_store or delivery.handlers
+        ):
+            # Only blocking work: the whole plan in one worker-thread hop, not one per store
+            # call and handler. A cancelled caller stops waiting; the delivery still ends
+            # properly in its thread, so no claim is left behind.
+            return await asyncio.to_thread(self._run, delivery)
         plan = self._deliver(delivery)
         step = _advance(plan, None)
-        offload_store = getattr(self.store, "blocking", True)
         try:
             while not isinstance(step, Response):
                 try:
