@@ -151,8 +151,9 @@ class PostgresServer:
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
             "unix_socket_directories": f"'{self.socket_dir}'",
+            # Fast, and still durable across a crash of the server's processes (the outage
+            # tests kill them); only a crash of the machine could lose commits.
             "fsync": "off",
-            "synchronous_commit": "off",
             "full_page_writes": "off",
             "max_connections": "200",
             "shared_buffers": "32MB",
@@ -204,6 +205,7 @@ class PostgresServer:
         if proc is None:
             return
         self.thaw(proc)
+        backends = _children(proc.pid)
         if proc.poll() is None:
             argv = [str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data)]
             argv += ["-m", "immediate", "-w", "-t", "10"]
@@ -216,27 +218,39 @@ class PostgresServer:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # backends left behind by a postmaster gone
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in backends:  # backends left behind by a postmaster gone
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def kill(self) -> None:
-        """SIGKILL the whole cluster, as a crash of the machine's process would."""
+        """SIGKILL the postmaster and its backends, as a crash of the server would."""
         if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            self._signal_all(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self.stop()
 
     def freeze(self) -> None:
         """SIGSTOP the postmaster and every backend: a server that stalls, TCP still open."""
         if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGSTOP)
+            self._signal_all(self.proc.pid, signal.SIGSTOP)
 
     def thaw(self, proc: subprocess.Popen[bytes] | None = None) -> None:
         """Undo :meth:`freeze`."""
         proc = proc or self.proc
         if proc is not None:
+            self._signal_all(proc.pid, signal.SIGCONT)
+
+    @staticmethod
+    def _signal_all(postmaster: int, sig: int) -> None:
+        # Each backend makes itself a process-group leader, so the postmaster's group does not
+        # hold them: they are found as its children. The postmaster goes first, so that it
+        # starts no new backend meanwhile.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(postmaster, sig)
+        for pid in _children(postmaster):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGCONT)
+                os.kill(pid, sig)
 
     def destroy(self) -> None:
         """Stop the server and remove its data."""
@@ -277,6 +291,23 @@ class PostgresServer:
         if not name.replace("_", "").isalnum():
             raise ValueError(f"not a plain database name: {name!r}")
         self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _children(parent: int) -> list[int]:
+    """The PIDs of the processes whose parent is ``parent`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) > 1 and fields[1] == str(parent):
+            found.append(int(entry.name))
+    return found
 
 
 @contextlib.contextmanager

@@ -81,7 +81,7 @@ def store_from_url(url: str) -> Store:
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(f"{scheme}://{rest}")  # libpq knows the scheme in lower case
     raise ValueError(
         f"unknown store scheme {scheme!r}: use memory://, sqlite:///, redis:// or postgresql://"
     )

@@ -312,6 +312,9 @@ class PostgresStore:
             except psycopg.Error:
                 # libpq's message may quote the string, password included.
                 raise ValueError("not a valid PostgreSQL URL or connection string") from None
+            ports = str(params.get("port") or "0").split(",")
+            if not all(p.strip().isdigit() and int(p) < 65536 for p in ports):
+                raise ValueError("the PostgreSQL URL's port is not a number")
             self._password = str(params.get("password") or "")
             self._display = repr(_masked(params))
             self._conninfo = url_or_pool
