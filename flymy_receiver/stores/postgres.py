@@ -272,6 +272,8 @@ class PostgresStore:
     newest ``max_refusals`` refused deliveries.
 
     Constructing the store never touches the server; call :meth:`close` at shutdown.
+    Behind a pooler in transaction mode (PgBouncer), give it a pool of your own whose
+    connections do not prepare statements (``kwargs={"prepare_threshold": None}``).
     """
 
     blocking = True
@@ -563,6 +565,8 @@ class PostgresStore:
             mine = self._pool_pid == os.getpid()
         if pool is not None and mine:
             pool.close(timeout=self.timeout)
+        elif pool is not None:
+            _INHERITED.append(pool)  # the parent's: collecting it would end its sessions
 
     def _purge_batch(self, cur: Cursor, now: float | None) -> tuple[int, bool]:
         """At most a batch of expired rows from each table: (rows gone, whether any was full)."""

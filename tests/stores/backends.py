@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from flymy_receiver.stores import MemoryStore, Store
+from tests.conftest import require
 
 BACKENDS = ["memory", "sqlite", "redis", "postgres"]
 #: The stores that keep the delivery journal too (tests/stores/test_journal_contract.py).
@@ -72,6 +73,7 @@ def make_backend(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> I
         yield Backend(name, store, lambda seconds: time.sleep(seconds + 0.05), server)
         store.client.close()
     elif name == "postgres":
+        require("psycopg")
         from flymy_receiver.stores import PostgresStore
 
         server = request.getfixturevalue("postgres_server")
