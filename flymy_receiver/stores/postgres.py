@@ -4,7 +4,8 @@ psycopg 3 with its connection pool. Each store call is one short transaction:
 
 - a claim is one ``INSERT ... ON CONFLICT DO UPDATE ... WHERE`` on the event's row, which
   takes the row lock whether or not it updates, so of many receivers claiming one event at
-  once exactly one wins; the journal entry is written in the same transaction;
+  once exactly one wins; the journal entry is written in the same transaction. Every call
+  touches the tables in one order (deliveries, handlers, journal), so calls never deadlock;
 - times are the server's clock (``now()``) unless a ``clock`` is given, so receivers on
   several machines agree on leases whatever their own clocks say;
 - every wait is bounded: ``connect_timeout``, the pool's wait, ``lock_timeout`` and
@@ -582,15 +583,17 @@ class PostgresStore:
     def _run(self, work: Callable[[Cursor, float | None], T], *, write: bool = False) -> T:
         """``work`` in one transaction; any database failure becomes StoreUnavailable."""
         started = time.monotonic()
-        retried = False
+        # After a server restart every idle connection of the pool is dead, and each fails
+        # at once on first use: try the next one (each is discarded), within the time budget.
+        tries = self.pool_size + 1
         while True:
             attempt = _Attempt()
+            tries -= 1
             try:
                 return self._attempt(work, write, attempt)
             except psycopg.Error as exc:
                 in_time = time.monotonic() - started < self.timeout
-                if not retried and in_time and attempt.retryable(exc):
-                    retried = True
+                if tries > 0 and in_time and attempt.retryable(exc):
                     continue
                 raise StoreUnavailable(self._describe(exc, attempt)) from None
 

@@ -694,3 +694,26 @@ def test_tables_made_by_a_migration_work_without_the_create_privilege(
     assert store.journal_get("k") is not None
     assert len(store.refusals()) == 1
     store.close()
+
+
+def test_after_a_restart_the_first_call_works_on_fresh_connections(
+    server: PostgresServer,
+) -> None:
+    """The pool still holds connections the restart closed: they are replaced on the spot,
+    not answered 503 one by one."""
+    store = _store(server, timeout=10)
+    barrier = threading.Barrier(6, timeout=60)
+
+    def busy(i: int) -> None:
+        barrier.wait()  # six calls at once: the pool grows to six connections
+        store.claim(f"before-{i}", 30)
+        time.sleep(0.2)
+        store.claim(f"before-{i}-again", 30)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(busy, range(6), timeout=60))
+    server.stop()
+    server.start()
+    assert store.claim("after", 30).state is ClaimState.ACQUIRED
+    assert store.claim("before-0", 30).state is ClaimState.BUSY  # the data outlived the restart
+    store.close()
