@@ -191,7 +191,10 @@ def test_bad_settings_are_refused(kwargs: dict[str, Any]) -> None:
         PostgresStore("postgresql://127.0.0.1/app", **kwargs)
 
 
-def test_a_wrong_password_is_503_without_the_password(server: PostgresServer) -> None:
+def test_a_wrong_password_is_503_without_the_password(
+    server: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     server.psql(
         "DO $$ BEGIN CREATE ROLE pw_user LOGIN PASSWORD 'right'; EXCEPTION WHEN"
         " duplicate_object THEN NULL; END $$"
@@ -206,6 +209,8 @@ def test_a_wrong_password_is_503_without_the_password(server: PostgresServer) ->
         caught, _ = _in_thread(lambda: store.claim("k", 30))
         assert isinstance(caught, StoreUnavailable)
         assert "hunter2" not in str(caught)
+        assert "password authentication failed" in caplog.text  # the pool said why...
+        assert "hunter2" not in caplog.text  # ...without the password
         store.close()
     finally:
         hba.write_text(original)
