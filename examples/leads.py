@@ -7,7 +7,9 @@ Configured by environment only, so every web server runs it the same way:
 
 - ``FLYMY_WEBHOOK_SECRET`` the webhook secret (required).
 - ``FLYMY_STORE`` where handled events are remembered: ``memory://`` (default, one process),
-  ``sqlite:///deliveries.sqlite3`` (all workers of one machine) or ``redis://...``.
+  ``sqlite:///deliveries.sqlite3`` (all workers of one machine), ``redis://...`` or
+  ``postgresql://user:password@host:5432/dbname`` (many machines; the tables are created on
+  first use; ``pip install 'flymy-receiver[postgres]'``).
 - ``LEADS_DB`` the SQLite file the handlers write to (default ``leads.sqlite3``).
 - ``FLYMY_MAX_BODY_SIZE`` the largest body accepted, in bytes (default 5 MiB).
 """

@@ -7,6 +7,9 @@ import os
 
 import pytest
 
+#: The throwaway PostgreSQL cluster's fixtures (postgres_server, postgres_url), for every test.
+pytest_plugins = ["tests.postgres_server"]
+
 SECRET = "whsec-test-secret"
 
 # In CI a missing optional dependency is a failure, never a silent skip.

@@ -29,7 +29,11 @@ APPS: dict[str, tuple[str, str, str]] = {
     "starlette-uvicorn": ("starlette", "starlette_app:app", "uvicorn"),
     "fastapi-uvicorn": ("fastapi", "fastapi_app:app", "uvicorn"),
     "django-uvicorn": ("django", "django_project.asgi:application", "uvicorn"),
+    # The same Flask example with its idempotency store and journal in PostgreSQL.
+    "flask-gunicorn-postgres": ("flask", "flask_app:app", "gunicorn"),
 }
+#: The apps whose FLYMY_STORE is a fresh database on the throwaway PostgreSQL cluster.
+ON_POSTGRES = {"flask-gunicorn-postgres"}
 
 
 @dataclass
@@ -73,10 +77,14 @@ def server(
     require(kind)
     tmp = tmp_path_factory.mktemp(name)
     port = free_port()
+    # Shared by the gunicorn workers: a duplicate is caught whichever worker gets it.
+    store = f"sqlite:///{tmp / 'deliveries.sqlite3'}"
+    if name in ON_POSTGRES:
+        require("psycopg")
+        store = request.getfixturevalue("postgres_server").create_database()
     env = {
         "FLYMY_WEBHOOK_SECRET": SECRET,
-        # Shared by the gunicorn workers: a duplicate is caught whichever worker gets it.
-        "FLYMY_STORE": f"sqlite:///{tmp / 'deliveries.sqlite3'}",
+        "FLYMY_STORE": store,
         "LEADS_DB": str(tmp / "leads.sqlite3"),
         "FLYMY_MAX_BODY_SIZE": str(MAX_BODY_SIZE),
     }
