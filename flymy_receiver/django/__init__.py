@@ -22,8 +22,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "flymy_receiver.django needs Django: pip install 'flymy-receiver[django]'"
     ) from exc
 
-from .bodies import read_limited
-from .receiver import READ_HEADERS, Receiver, Response
+from ..bodies import read_limited
+from ..receiver import READ_HEADERS, Receiver, Response
 
 __all__ = ["WebhookBodyLimit", "aview", "view"]
 
