@@ -64,7 +64,7 @@ def postgres_alias(server: Any) -> str:
                     "HOST": url.hostname,
                     "PORT": str(url.port),
                     "TEST": {"NAME": url.path.lstrip("/")},
-                }
+                },
             }
         )
         connections.settings[POSTGRES] = settings[POSTGRES]
