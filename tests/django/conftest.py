@@ -30,9 +30,7 @@ def alias(request: pytest.FixtureRequest) -> Iterator[str]:
         name = postgres_alias(request.getfixturevalue("postgres_server"))
     connections[name].close()
     empty(name)
-    with connections[name].cursor() as cursor:
-        cursor.execute(f"CREATE TABLE IF NOT EXISTS {LEADS} (run_id VARCHAR(200) NOT NULL)")
-        cursor.execute(f"DELETE FROM {LEADS}")
+    _empty_leads(name)
     registry.unregister()
     yield name
     registry.unregister()
@@ -43,19 +41,23 @@ def alias(request: pytest.FixtureRequest) -> Iterator[str]:
 def sqlite_alias() -> Iterator[str]:
     """The SQLite alias alone (for pages and commands, which need no second database)."""
     require("django")
-    from django.db import connections
-
     from flymy_receiver.django import registry
     from tests.django_db import empty, migrated
 
     name = migrated("default")
     empty(name)
-    with connections[name].cursor() as cursor:
-        cursor.execute(f"CREATE TABLE IF NOT EXISTS {LEADS} (run_id VARCHAR(200) NOT NULL)")
-        cursor.execute(f"DELETE FROM {LEADS}")
+    _empty_leads(name)
     registry.unregister()
     yield name
     registry.unregister()
+
+
+def _empty_leads(alias: str) -> None:
+    from django.db import connections
+
+    with connections[alias].cursor() as cursor:
+        cursor.execute(f"CREATE TABLE IF NOT EXISTS {LEADS} (run_id VARCHAR(200) NOT NULL)")
+        cursor.execute(f"DELETE FROM {LEADS}")  # noqa: S608 - a fixed table name
 
 
 def insert_lead(alias: str, run_id: str) -> None:
