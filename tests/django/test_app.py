@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from flymy_receiver import Receiver, RunCompleted
-from tests.conftest import SECRET
+from tests.conftest import SECRET, require
 from tests.django.conftest import leads, request_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,3 +156,48 @@ def test_the_async_view_under_atomic_requests(atomic_requests: str) -> None:
             AsyncClient().post(URL, body, content_type="application/json", headers=headers)
         )
     _check_failed_is_journaled(receiver, response.status_code)
+
+
+def test_the_system_checks_pass_with_the_admin() -> None:
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("check", stdout=out)
+    assert "no issues" in out.getvalue()
+
+
+def test_an_unreachable_database_is_a_503_that_names_no_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    require("psycopg")
+    from django.db import connections
+
+    from flymy_receiver.django import DjangoStore
+    from tests.servers import free_port
+
+    password = "pw-must-not-leak"
+    alias = "unreachable"
+    if alias not in connections.settings:
+        configured = connections.configure_settings(
+            {
+                "default": dict(connections.settings["default"]),
+                alias: {
+                    "ENGINE": "django.db.backends.postgresql",
+                    "NAME": "app",
+                    "USER": "app",
+                    "PASSWORD": password,
+                    "HOST": "127.0.0.1",
+                    "PORT": str(free_port()),  # nothing listens there
+                },
+            }
+        )
+        connections.settings[alias] = configured[alias]
+    receiver = Receiver(SECRET, store=DjangoStore(using=alias))
+    receiver.on("run.completed")(lambda event: pytest.fail("ran without a claim"))
+    response = receiver.handle(*request_for("run_unreachable"))
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
+    assert password not in caplog.text
+    assert "OperationalError" in caplog.text
+    assert password.encode() not in response.body
+    connections[alias].close()
