@@ -211,3 +211,10 @@ def test_refusals_are_listed_read_only(client: Any, sqlite_alias: str) -> None:
     page = client.get(f"{url}{refusal.pk}/change/")
     assert page.status_code == 200
     assert 'name="_save"' not in page.content.decode()
+
+
+def test_the_list_and_its_actions_are_exempt_from_atomic_requests(client: Any) -> None:
+    # Replays commit their claims and records on their own, as deliveries do.
+    from django.urls import resolve
+
+    assert "default" in resolve(CHANGELIST).func._non_atomic_requests
