@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SECRET, require
-from tests.servers import EXAMPLES, free_port, gunicorn, serve, uvicorn
+from tests.servers import EXAMPLES, django_example_env, free_port, gunicorn, serve, uvicorn
 
 #: Small, so that the limit tests send little; every example event is far below it.
 MAX_BODY_SIZE = 64 * 1024
@@ -44,6 +44,7 @@ class Server:
     port: int
     leads_db: Path
     proc: Any
+    env: dict[str, str]
 
     def rows(self, table: str, run_id: str) -> list[tuple[Any, ...]]:
         """The rows the handlers wrote for ``run_id`` (none if the table does not exist)."""
@@ -88,5 +89,7 @@ def server(
         "LEADS_DB": str(tmp / "leads.sqlite3"),
         "FLYMY_MAX_BODY_SIZE": str(MAX_BODY_SIZE),
     }
+    if module == "django":  # its store is DjangoStore, in its own database
+        env = django_example_env(tmp, env)
     with serve(_argv(app, kind, port), port, env=env, cwd=EXAMPLES) as proc:
-        yield Server(name, port, tmp / "leads.sqlite3", proc)
+        yield Server(name, port, tmp / "leads.sqlite3", proc, env)

@@ -1,8 +1,9 @@
 """The stores under test, each with a way to let time pass.
 
-MemoryStore and SQLiteStore take a clock, so time is simulated; RedisStore expires keys
-on the server, and PostgresStore keeps time on the server's clock by default, so their tests
-wait for real (leases there are a fraction of a second).
+MemoryStore, SQLiteStore and DjangoStore take a clock, so time is simulated; RedisStore
+expires keys on the server, and PostgresStore keeps time on the server's clock by default,
+so their tests wait for real (leases there are a fraction of a second). DjangoStore runs on
+SQLite (``django``) and on PostgreSQL (``django-postgres``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import pytest
 from flymy_receiver.stores import MemoryStore, Store
 from tests.conftest import require
 
-BACKENDS = ["memory", "sqlite", "redis", "postgres"]
+BACKENDS = ["memory", "sqlite", "redis", "postgres", "django", "django-postgres"]
 #: The stores that keep the delivery journal too (tests/stores/test_journal_contract.py).
-JOURNAL_BACKENDS = ["memory", "postgres"]
+JOURNAL_BACKENDS = ["memory", "postgres", "django", "django-postgres"]
 
 
 class FakeClock:
@@ -84,5 +85,28 @@ def make_backend(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> I
         # The store keeps time on the server's clock: wait past the expiry asked for.
         yield Backend(name, store, lambda seconds: time.sleep(seconds + 0.05), server)
         store.close()
+    elif name in ("django", "django-postgres"):
+        yield from _django_backend(name, request)
     else:  # pragma: no cover
         raise ValueError(name)
+
+
+def _django_backend(name: str, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    from tests.conftest import require
+
+    require("django")
+    from django.db import connections
+
+    from flymy_receiver.django import DjangoStore
+    from tests.django_db import empty, migrated, postgres_alias
+
+    if name == "django":
+        alias = migrated("default")
+    else:
+        require("psycopg")
+        alias = postgres_alias(request.getfixturevalue("postgres_server"))
+    connections[alias].close()  # a fresh connection: an earlier test may have broken it
+    empty(alias)
+    clock = FakeClock()
+    yield Backend(name, DjangoStore(using=alias, clock=clock), clock.advance, alias)
+    connections[alias].close()
