@@ -14,7 +14,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__
+from .cli_journal import JournalUsageError, add_journal_command, load_receiver, printable
 from .errors import ConfigurationError, InvalidSignature, MalformedEvent, WebhookError
 from .signature import (
     SECRET_ENV_VAR,
@@ -62,10 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("choose a command: sign, verify, send, listen, inspect or schema")
+            raise UsageError(
+                "choose a command: sign, verify, send, listen, inspect, journal or schema"
+            )
         code: int = args.run(args)
         return code
-    except UsageError as exc:
+    except (UsageError, JournalUsageError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -148,6 +150,8 @@ def _build_parser() -> _Parser:
         "--output", metavar="MODULE:MODEL", help="a pydantic model typing run.completed output"
     )
     p.set_defaults(run=_schema)
+
+    add_journal_command(commands, "store URL (sqlite:///file, redis://...)")
     return parser
 
 
@@ -366,7 +370,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if not args.store and not args.app:
         raise UsageError("give --store URL, --app MODULE:RECEIVER, or both")
     devserver = _devserver()
-    from .inspector import inspector_app, load_receiver, receiver_over
+    from .inspector import inspector_app, receiver_over
     from .inspector.sources import redact_url
     from .stores.base import journals
 
@@ -464,31 +468,10 @@ def _print_delivery(
     lines = _describe(body, headers, keys) if body is not None else []
     head = f"[{time.strftime('%H:%M:%S')}] {method} {target} -> {status}"
     text = "\n".join([f"{head} {_one_line(answer)}", *lines])
+    # Each line on its own: the newlines between lines are ours, any other is escaped.
+    safe = "\n".join(printable(line, limit=len(line)) for line in text.split("\n"))
     with _PRINT_LOCK:
-        print(_escape_controls(text, keep="\n"), flush=True)
-
-
-# Terminal control characters, and the invisible ones that reorder or break lines.
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _escape_controls(text: str, keep: str = "") -> str:
-    """``text`` with each control character shown as an escape (``\\x1b``), except ``keep``."""
-
-    def escape(match: re.Match[str]) -> str:
-        char = match.group()
-        if char in keep:
-            return char
-        named = _NAMED_ESCAPES.get(char)
-        if named is not None:
-            return named
-        code = ord(char)
-        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-    return _CONTROLS.sub(escape, text)
+        print(safe, flush=True)
 
 
 def _describe(body: bytes, headers: list[tuple[str, str]], keys: tuple[bytes, ...]) -> list[str]:
@@ -536,7 +519,7 @@ def _describe(body: bytes, headers: list[tuple[str, str]], keys: tuple[bytes, ..
 
 def _printable_field(value: Any) -> str:
     """A payload value for one line of output: control characters, newlines too, escaped."""
-    return _escape_controls(str(value))
+    return printable(value, limit=_SHOW_LIMIT)
 
 
 def _show(value: Any) -> str:

@@ -28,6 +28,7 @@ import orjson
 
 from . import events as _events
 from .errors import (
+    ConfigurationError,
     EventInFlight,
     HandlerFailed,
     InvalidSignature,
@@ -49,7 +50,7 @@ from .signature import (
     normalize_secrets,
     signature_candidates,
 )
-from .stores.base import Claim, ClaimState, JournalStore, Store, journals
+from .stores.base import AtomicStore, Claim, ClaimState, JournalStore, Store, journals, runs_atomic
 from .stores.memory import MemoryStore
 from .stores.records import HandlerOutcome, JournalEntry, NewEntry
 
@@ -113,8 +114,8 @@ class _Delivery:
     """An authentic, parsed event on its way to its handlers (or replayed from the journal).
 
     ``entry`` is what the journal records with the claim (``None`` when the journal is off
-    or for a replay); ``skip`` names handlers the journal already saw succeed. While a claim
-    is held, ``abandon`` gives it back if the delivery is cancelled mid-way.
+    or for a replay); ``skip`` names handlers the journal already saw succeed. ``held`` is
+    the token of the claim while this delivery holds it (given back if it is cancelled).
     """
 
     event: AnyEvent
@@ -125,7 +126,7 @@ class _Delivery:
     replay: bool = False
     force: bool = False
     skip: frozenset[str] = frozenset()
-    abandon: Callable[[], None] | None = None
+    held: str = ""
 
 
 @dataclass(slots=True)
@@ -224,6 +225,11 @@ class Receiver(Router):
         #: ``journal=False`` or the store keeps no journal.
         self.journal: Journal | None = None
         self._refusal_log: RefusalLog | None = None
+        # Shared, read-only: the headers an entry records, per secret that matched.
+        self._entry_headers = [
+            MappingProxyType({SIGNATURE_HEADER: f"valid (secret {i + 1} of {len(self._keys)})"})
+            for i in range(len(self._keys))
+        ]
         if journal and journals(self.store):
             journal_store = _as_journal_store(self.store)
             self._refusal_log = RefusalLog(journal_store)
@@ -268,9 +274,14 @@ class Receiver(Router):
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
+        offload_store = getattr(self.store, "blocking", True)
+        if not any(h.is_async for h in delivery.handlers) and (offload_store or delivery.handlers):
+            # Only blocking work: the whole plan in one worker-thread hop, not one per store
+            # call and handler. A cancelled caller stops waiting; the delivery still ends
+            # properly in its thread, so no claim is left behind.
+            return await asyncio.to_thread(self._run, delivery)
         plan = self._deliver(delivery)
         step = _advance(plan, None)
-        offload_store = getattr(self.store, "blocking", True)
         try:
             while not isinstance(step, Response):
                 try:
@@ -287,9 +298,9 @@ class Receiver(Router):
         except BaseException:
             # Cancelled (the client went away, a timeout): give the claim back now, so the
             # sender's retry is not refused for a whole lease. It cannot be awaited here.
-            abandon = delivery.abandon
-            if abandon is not None:
-                _in_background(abandon)
+            if delivery.held:
+                store, key, token = self.store, delivery.key, delivery.held
+                _in_background(lambda: store.release(key, token))
             raise
         return step
 
@@ -314,6 +325,15 @@ class Receiver(Router):
         """
         values, _, _ = _read_headers(headers)
         return match_signature(body, signature_candidates(values), self._keys)
+
+    def _check(self, handler: Handler) -> None:
+        """Refuse ``atomic=True`` as soon as it is registered here when the store cannot."""
+        if handler.atomic and not runs_atomic(self.store):
+            raise ConfigurationError(
+                f"handler {handler.id}: atomic=True needs a store that runs a handler in one"
+                f" transaction with its record (DjangoStore); {type(self.store).__name__} cannot"
+            )
+        super()._check(handler)
 
     # -- the plan -----------------------------------------------------------------------
 
@@ -363,10 +383,7 @@ class Receiver(Router):
         else:
             agent_id, agent_name = event.data.agent_id, event.data.agent_name
         # What the receiver read; the signature itself is never kept (it is the expected one).
-        headers = {
-            SIGNATURE_HEADER: f"valid (secret {secret_index + 1} of {len(self._keys)})",
-            "Content-Length": str(len(body)),
-        }
+        headers = self._entry_headers[secret_index]
         return NewEntry(
             key=key,
             event=event.event,
@@ -434,15 +451,22 @@ class Receiver(Router):
             error = EventInFlight(f"key {d.key!r}")
             _log_refusal(error, d.event, level=logging.INFO)
             return _refusal(error, retry_after=min(claim.retry_after, 60.0))
-        token = claim.token
-        d.abandon = lambda: store.release(d.key, token)
+        token = d.held = claim.token
         outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
         for handler in d.handlers:
             if handler.id in claim.done_handlers or handler.id in d.skip:
                 continue
+            recorded: HandlerOutcome | None = None
             try:
                 typed = handler.typed_event(d.event, d.raw)
-                yield _HandlerCall(handler, typed)
+                if handler.atomic:  # the handler and its record, in one transaction
+                    atomic_args = (d.key, token, handler.id, self._retention_s)
+                    call = _succeeded(handler, typed, journal)
+                    recorded = yield _StoreCall(
+                        _as_atomic_store(store).run_atomic, (*atomic_args, call)
+                    )
+                else:
+                    yield _HandlerCall(handler, typed)
             except Exception as exc:
                 self._log_handler_failure(handler, d, exc)
                 release_args: tuple[Any, ...] = (d.key, token)
@@ -453,12 +477,14 @@ class Receiver(Router):
                     yield _StoreCall(store.release, release_args)
                 except Exception as release_exc:  # the lease will expire on its own
                     logger.warning("could not release the claim on %s: %r", d.key, release_exc)
-                d.abandon = None
+                d.held = ""
                 return _refusal(HandlerFailed())
-            outcome = HandlerOutcome(ok=True, at=time.time()) if outcomes is not None else None
+            outcome = recorded
+            if outcome is None and outcomes is not None:
+                outcome = HandlerOutcome(ok=True, at=time.time())
             if outcomes is not None and outcome is not None:
                 outcomes[handler.id] = outcome
-            if len(d.handlers) > 1:
+            if len(d.handlers) > 1 and not handler.atomic:
                 mark_args: tuple[Any, ...] = (d.key, token, handler.id, self._retention_s)
                 if outcome is not None:
                     mark_args = (*mark_args, outcome)
@@ -473,7 +499,7 @@ class Receiver(Router):
             yield _StoreCall(store.complete, complete_args)
         except Exception as exc:
             return self._store_failed(exc, d, "record")
-        d.abandon = None
+        d.held = ""
         return _RECEIVED
 
     # -- pieces ---------------------------------------------------------------------------
@@ -649,6 +675,22 @@ class _Budget:
 def _as_journal_store(store: Store) -> JournalStore:
     """``store`` as a journaling store (checked by :func:`journals` before use)."""
     return store  # type: ignore[return-value]
+
+
+def _as_atomic_store(store: Store) -> AtomicStore:
+    """``store`` as one that runs atomic handlers (checked at registration)."""
+    return store  # type: ignore[return-value]
+
+
+def _succeeded(handler: Handler, event: Any, journal: bool) -> Callable[[], HandlerOutcome | None]:
+    """An atomic handler's call for :meth:`AtomicStore.run_atomic`: run it, then say how it
+    went (the outcome the journal records in the same transaction)."""
+
+    def call() -> HandlerOutcome | None:
+        handler.func(event)
+        return HandlerOutcome(ok=True, at=time.time()) if journal else None
+
+    return call
 
 
 def _failure(exc: BaseException) -> HandlerOutcome:

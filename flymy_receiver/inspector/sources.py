@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import builtins
 import copy
-import importlib
-import os
 import re
-import sys
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import unquote
 
 from ..journal import Journal, RefusalLog
@@ -25,7 +22,6 @@ from ..stores.records import JournalEntry, Refusal
 __all__ = [
     "JournalView",
     "StoreJournal",
-    "load_receiver",
     "receiver_over",
     "redact_url",
     "scrub",
@@ -74,31 +70,6 @@ class StoreJournal:
 
     def refusals(self, limit: int = 100) -> builtins.list[Refusal]:
         return self.store.refusals(limit)
-
-
-def load_receiver(spec: str) -> Receiver:
-    """Import ``module:attribute`` (from the current directory too) and check it is a Receiver.
-
-    Raises :class:`ValueError` with a one-line reason.
-    """
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"--app must be MODULE:RECEIVER, got {spec[:200]!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # like python -m: the user's own modules are importable
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import {module_name[:200]}: {exc}") from None
-    target: Any = module
-    for part in attribute.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise ValueError(f"{module_name[:200]} has no {attribute[:200]}") from None
-    if not isinstance(target, Receiver):
-        raise ValueError(f"{spec[:200]} is a {type(target).__name__}, not a Receiver")
-    return target
 
 
 def receiver_over(receiver: Receiver, store: Store) -> Receiver:
