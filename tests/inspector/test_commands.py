@@ -288,3 +288,53 @@ def test_inspect_an_app_send_fail_fix_and_replay(tmp_path: Path) -> None:
         assert status == 303
         assert json.loads(_request(port, "/api/deliveries/run_cmd")[2])["state"] == "handled"
         assert sample_app.SECRET not in server_log(proc)
+
+
+@pytest.mark.postgres
+def test_inspect_a_shared_store_read_only_then_replay_with_the_app(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Production: the app's workers journal in PostgreSQL; the operator inspects it from
+    # another process, first read-only, then with the app's handlers to replay the fix.
+    from flymy_receiver.inspector import receiver_over
+    from flymy_receiver.stores import PostgresStore
+
+    monkeypatch.delenv("SAMPLE_APP_FIX", raising=False)  # not fixed in this process
+    store = PostgresStore(postgres_url)
+    try:
+        app = receiver_over(sample_app.receiver, store)
+        event = make_event("run.completed", run_id="run_pg", agent_name="Broken Agent")
+        request = signed_request(event, sample_app.SECRET)
+        assert app.handle(request.body, request.headers).status == 500
+        env = {"PYTHONPATH": str(ROOT), "SAMPLE_APP_FIX": str(tmp_path)}
+        base = [PYTHON, "-m", "flymy_receiver", "inspect", "--store", postgres_url]
+
+        port = free_port()
+        with serve([*base, "--port", str(port)], port, env=env, cwd=ROOT):
+            status, _, body = _request(port, "/api/deliveries?state=failed")
+            assert status == 200
+            (listed,) = json.loads(body)["deliveries"]
+            assert listed["run_id"] == "run_pg"
+            _, _, page = _request(port, "/deliveries/run_pg")
+            assert b"Replay needs the app's receiver" in page
+
+        port = free_port()
+        argv = [*base, "--port", str(port), "--app", "tests.inspector.sample_app:receiver"]
+        with serve(argv, port, env=env, cwd=ROOT):
+            (tmp_path / "run_pg").touch()  # the fix is deployed
+            _, _, page = _request(port, "/deliveries/run_pg")
+            from urllib.parse import urlencode
+
+            form = urlencode({"csrf_token": _csrf(page), "key": listed["key"]}).encode()
+            headers = {
+                "Origin": f"http://127.0.0.1:{port}",
+                "Content-Type": "application/x-www-form-urlencoded",
+            }
+            status, _, _ = _request(port, "/replay", method="POST", body=form, headers=headers)
+            assert status == 303
+        entry = store.journal_get("run_pg")
+        assert entry is not None
+        assert entry.state == "handled"
+        assert entry.attempts == 1
+    finally:
+        store.close()
