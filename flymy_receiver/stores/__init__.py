@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigurationError
 from .base import Claim, ClaimState, Store
 from .memory import MemoryStore
+from .urls import redacted_url
 
 if TYPE_CHECKING:
     from .redis import RedisStore
@@ -22,6 +24,7 @@ __all__ = [
     "RedisStore",
     "SQLiteStore",
     "Store",
+    "redacted_url",
     "store_from_url",
 ]
 
@@ -44,11 +47,15 @@ def store_from_url(url: str) -> Store:
 
     ``memory://`` -> :class:`MemoryStore`; ``sqlite:///relative/path.sqlite3`` or
     ``sqlite:////absolute/path.sqlite3`` -> :class:`SQLiteStore`; ``redis://...`` or
-    ``rediss://...`` -> :class:`RedisStore`.
+    ``rediss://...`` -> :class:`RedisStore`. A URL that cannot be used is a
+    :class:`~flymy_receiver.errors.ConfigurationError` (a ``ValueError``) whose message shows
+    the URL through :func:`redacted_url`, never its password.
     """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"a store URL must be a string, not {type(url).__name__}")
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ValueError(f"not a store URL (expected scheme://...): {url[:40]!r}")
+        raise ConfigurationError(f"not a store URL (expected scheme://...): {redacted_url(url)!r}")
     scheme = scheme.lower()
     if scheme == "memory":
         return MemoryStore()
@@ -57,10 +64,13 @@ def store_from_url(url: str) -> Store:
 
         path = rest[1:] if rest.startswith("/") else rest
         if not path:
-            raise ValueError("sqlite store URL needs a path: sqlite:///deliveries.sqlite3")
+            raise ConfigurationError("sqlite store URL needs a path: sqlite:///deliveries.sqlite3")
         return SQLiteStore(path)
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
 
         return RedisStore(url)
-    raise ValueError(f"unknown store scheme {scheme!r}: use memory://, sqlite:/// or redis://")
+    raise ConfigurationError(
+        f"unknown store scheme {scheme[:20]!r} in {redacted_url(url)!r}: "
+        "use memory://, sqlite:/// or redis://"
+    )
