@@ -107,6 +107,11 @@ def test_unknown_event_keeps_its_data() -> None:
         (b'{"a": -9223372036854775809}', {"a": -9223372036854775809}),
         (b'{"a": "12345678901234567890", "b": 0.5}', {"a": "12345678901234567890", "b": 0.5}),
         (b'{"a": 1e308}', {"a": 1e308}),
+        (b'{"a": 1e400, "b": -1e999}', {"a": float("inf"), "b": float("-inf")}),
+        (
+            b'{"a": 1e400, "b": 12345678901234567890}',
+            {"a": float("inf"), "b": 12345678901234567890},
+        ),
     ],
 )
 def test_parse_json_choices(body: bytes, expected: Any) -> None:
@@ -130,8 +135,6 @@ def test_integers_are_exact_up_to_the_digit_limit_and_refused_past_it() -> None:
     [
         pytest.param(b"\xef\xbb\xbf\xef\xbb\xbf{}", id="two-boms"),
         pytest.param(b'{"a": NaN}', id="nan"),
-        pytest.param(b'{"a": 1e400}', id="float-overflow"),
-        pytest.param(b'{"a": 1e400, "b": 12345678901234567890}', id="overflow-long-digits"),
         pytest.param(b'{"a": "\\ud800"}', id="lone-surrogate"),
         pytest.param(b'{"a": "\xff"}', id="invalid-utf8"),
         pytest.param(b'{"a": "\xff", "b": 12345678901234567890}', id="invalid-utf8-long-digits"),
@@ -144,8 +147,6 @@ def test_integers_are_exact_up_to_the_digit_limit_and_refused_past_it() -> None:
         ),
         pytest.param(b'{"a": "\\udc00"}', id="lone-low-surrogate"),
         pytest.param(b'{"a": "\\ud800", "b": "12345678901234567890"}', id="surrogate-long-digits"),
-        pytest.param(b'{"a": [1, {"b": -1e400}]}', id="nested-overflow"),
-        pytest.param(b"1e400", id="top-level-overflow"),
         pytest.param(b"[" + b"7" * 1_000_000 + b"]", id="million-digits"),
         pytest.param(b'{"n": 12345678901234567890, "d": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
     ],
