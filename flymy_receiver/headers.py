@@ -62,37 +62,43 @@ def read_headers(headers: Headers | None) -> tuple[list[Any], str, int | None]:
         try:
             name, value = pair
             kind = _HEADER_KINDS.get(name)
-        except (TypeError, ValueError):  # not a pair, or an unhashable name
-            continue
-        if kind is None:
-            if not isinstance(name, (str, bytes)):
-                continue
-            kind = _HEADER_KINDS.get(name.lower())  # bytes: ASCII only, as latin-1 names
             if kind is None:
-                continue
-        if value is None:  # what headers.get() gives for an absent header
+                # str and bytes names alike (bytes: ASCII only, as latin-1 names); a name
+                # without lower(), or an unhashable one, is not a header we read.
+                kind = _HEADER_KINDS.get(name.lower())
+        except (AttributeError, TypeError, ValueError):  # not a pair, or an odd name
+            continue
+        if kind is None or value is None:  # None: what headers.get() gives when absent
             continue
         if kind is _SIGNATURE:
             if isinstance(value, (list, tuple)):
                 signatures.extend(value)
             else:
                 signatures.append(value)
+            continue
+        kind_of_value = type(value)
+        if kind is _LENGTH and (kind_of_value is str or kind_of_value is bytes):
+            text = value.strip()
+            if text.isdigit() and text.isascii() and len(text) <= _MAX_LENGTH_DIGITS:
+                declared = int(text)  # int() reads ASCII digits from bytes too
+                if length is None or declared > length:
+                    length = declared
+                continue
+        if kind_of_value is str:
+            lines: Iterable[str | None] = (value,)
+        elif kind_of_value is bytes:
+            lines = (value.decode("latin-1"),)
         else:
-            if type(value) is str:
-                lines: Iterable[str | None] = (value,)
-            elif type(value) is bytes:
-                lines = (value.decode("latin-1"),)
+            lines = _odd_lines(value)
+        for text in lines:
+            if kind is _ENCODING:
+                text = UNREADABLE if text is None else text.strip().lower()
+                if text not in ("", "identity"):
+                    encoding = text
             else:
-                lines = _odd_lines(value)
-            for text in lines:
-                if kind is _ENCODING:
-                    text = UNREADABLE if text is None else text.strip().lower()
-                    if text not in ("", "identity"):
-                        encoding = text
-                else:
-                    declared = _length(text)
-                    if declared is not None and (length is None or declared > length):
-                        length = declared
+                parsed = _length(text)
+                if parsed is not None and (length is None or parsed > length):
+                    length = parsed
     return signatures, encoding, length
 
 
@@ -117,9 +123,9 @@ def _length(text: str | None) -> int | None:
     text = text.strip()
     if not (text.isdigit() and text.isascii()):
         return None
-    # Leading zeros carry no size: without stripping them, 20 zeros before the real value
-    # would cut it to 0 and skip the early 413.
+    if len(text) <= _MAX_LENGTH_DIGITS:
+        return int(text)
+    # Leading zeros carry no size: cutting the digits instead of stripping them made 20
+    # zeros before the real value read as 0, and skip the early 413.
     digits = text.lstrip("0") or "0"
-    if len(digits) > _MAX_LENGTH_DIGITS:
-        return _BEYOND_ANY_LIMIT
-    return int(digits)
+    return _BEYOND_ANY_LIMIT if len(digits) > _MAX_LENGTH_DIGITS else int(digits)
