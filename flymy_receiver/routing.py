@@ -214,7 +214,7 @@ def _closure_names(func: Callable[..., Any]) -> dict[str, Any]:
     return names
 
 
-def derived_id(func: Callable[..., Any]) -> str:
+def _derived_id(func: Callable[..., Any]) -> str:
     """A handler's default id, ``module.qualname``; refuses what has no stable name."""
     qualname = getattr(func, "__qualname__", None)
     if not isinstance(qualname, str) or not qualname:
@@ -292,7 +292,7 @@ class Router:
                 agent_id=agent_id,
                 agent_name=agent_name,
                 output=output,
-                id=name if name is not None else derived_id(func),
+                id=name if name is not None else _derived_id(func),
                 localns=localns,
             )
             self._refuse_clashes([handler])
