@@ -12,8 +12,9 @@ import logging
 import secrets
 from typing import Any
 
-from ..errors import StoreUnavailable
+from ..errors import ConfigurationError, StoreUnavailable
 from .base import Claim, ClaimState
+from .urls import redacted_url
 
 __all__ = ["RedisStore"]
 
@@ -77,12 +78,21 @@ class RedisStore:
         if isinstance(url_or_client, str):
             # One quick retry covers a pooled connection that a Redis restart has closed;
             # more would only delay the 503 the sender needs to retry later.
-            client = redis.Redis.from_url(
-                url_or_client,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=Retry(NoBackoff(), 1),
-            )
+            try:
+                client = redis.Redis.from_url(
+                    url_or_client,
+                    socket_timeout=socket_timeout,
+                    socket_connect_timeout=socket_timeout,
+                    retry=Retry(NoBackoff(), 1),
+                )
+            except (ValueError, TypeError) as exc:
+                # redis-py's and urllib's messages quote parts of the URL, password included
+                # ("Port could not be cast to integer value as 'hunter2'"): say what is wrong
+                # with the URL shown redacted, and chain nothing.
+                raise ConfigurationError(
+                    f"not a usable Redis URL: {redacted_url(url_or_client)!r} "
+                    f"({type(exc).__name__}; expected redis://[[user]:password@]host[:port][/db])"
+                ) from None
         else:
             client = url_or_client
         self.client = client
