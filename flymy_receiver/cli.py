@@ -1,8 +1,9 @@
 """The ``flymy-receiver`` command: sign, verify, send, listen and schema.
 
 Uses the library's own signing code, so what ``sign`` prints is what the receiver expects.
-Results go to stdout, errors to stderr as one line. Exit codes: 0 success, 1 a failed
-verification or delivery, 2 bad usage (a missing secret, an unreadable file, a bad option).
+Results go to stdout, errors to stderr as one line, never a traceback. Exit codes: 0
+success, 1 a failed verification or delivery, 2 bad usage (a missing secret, an unreadable
+file, a bad option), 70 an internal error (a bug: the line names where it happened).
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import http.client
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NoReturn, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 from . import __version__
+from .describe import describe, escape_controls
 from .errors import ConfigurationError, InvalidSignature, MalformedEvent, WebhookError
 from .signature import (
     SECRET_ENV_VAR,
@@ -37,10 +41,12 @@ from .signature import (
 __all__ = ["main"]
 
 PROG = "flymy-receiver"
-#: Output and error values longer than this are cut in ``listen``'s printout.
-_SHOW_LIMIT = 2000
 _MAX_COUNT = 100_000
 DEFAULT_MAX_AGE_S = timedelta(days=3).total_seconds()
+_MAX_AGE_LIMIT_S = timedelta(days=3650).total_seconds()
+_MAX_TIMEOUT_S = timedelta(days=1).total_seconds()
+#: Exit code of an internal error (sysexits.h's EX_SOFTWARE).
+_INTERNAL_ERROR = 70
 
 
 class BinaryReader(Protocol):
@@ -69,10 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             raise UsageError("choose a command: sign, verify, send, listen or schema")
+        _require_utf8(args)
         code: int = args.run(args)
         return code
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {escape_controls(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -80,6 +87,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader (say, ``| head``) went away: not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:
+        # A bug, not bad usage. One line that says where, never the exception's message:
+        # it could hold a secret or a payload.
+        print(f"{PROG}: internal error: {_where(exc)} (please report it)", file=sys.stderr)
+        return _INTERNAL_ERROR
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} at {os.path.basename(last.filename)}:{last.lineno}"
+
+
+def _require_utf8(args: argparse.Namespace) -> None:
+    # A command line that is not valid UTF-8 arrives as surrogate escapes, which no encoder
+    # accepts later: refuse it here, naming the option but never showing its value.
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not _is_utf8(item):
+                option = "the URL" if name == "url" else "--" + name.replace("_", "-")
+                raise UsageError(f"{option} is not valid UTF-8")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _seconds(*, low: float, high: float, zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds in [low, high] (0 allowed if ``zero``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from None
+        if not math.isfinite(value) or not (low <= value <= high or (zero and value == 0)):
+            lowest = "0 (off)" if zero else f"{low:g}"
+            raise argparse.ArgumentTypeError(f"must be between {lowest} and {high:.0f} seconds")
+        return value
+
+    return parse
 
 
 def _build_parser() -> _Parser:
@@ -113,7 +167,12 @@ def _build_parser() -> _Parser:
     p.add_argument("--run-id", help="use this run id for every event (to send duplicates)")
     p.add_argument("--agent-id", help="agent id of the events")
     p.add_argument("--agent-name", help="agent name of the events")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (30)")
+    p.add_argument(
+        "--timeout",
+        type=_seconds(low=0.001, high=_MAX_TIMEOUT_S, zero=False),
+        default=30.0,
+        help="seconds per request (30)",
+    )
     p.set_defaults(run=_send)
 
     p = commands.add_parser("listen", help="run a development receiver that prints deliveries")
@@ -122,7 +181,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--secret", action="append", help=secret_help + "; repeat it to rotate")
     p.add_argument(
         "--max-age",
-        type=float,
+        type=_seconds(low=0, high=_MAX_AGE_LIMIT_S, zero=True),
         default=DEFAULT_MAX_AGE_S,
         metavar="SECONDS",
         help="replay window on the event timestamp; 0 turns it off (3 days)",
@@ -142,6 +201,8 @@ def _build_parser() -> _Parser:
 def _keys(secret: str | list[str] | None) -> tuple[bytes, ...]:
     if not secret:
         secret = os.environ.get(SECRET_ENV_VAR)
+        if secret is not None and not _is_utf8(secret):
+            raise UsageError(f"${SECRET_ENV_VAR} is not valid UTF-8")
     if secret is None:
         raise UsageError(f"no secret: pass --secret or set {SECRET_ENV_VAR}")
     if any(not item.strip() for item in ([secret] if isinstance(secret, str) else secret)):
@@ -150,6 +211,8 @@ def _keys(secret: str | list[str] | None) -> tuple[bytes, ...]:
         return normalize_secrets(secret)
     except ConfigurationError as exc:
         raise UsageError(str(exc)) from None
+    except UnicodeError:  # its message would show a character of the secret
+        raise UsageError("webhook secret is not valid UTF-8") from None
 
 
 def _stdin_bytes() -> bytes:
@@ -211,35 +274,34 @@ def _matches(body: bytes, candidates: Sequence[bytes], keys: Sequence[bytes]) ->
 def _send(args: argparse.Namespace) -> int:
     from .testing import make_event, serialize
 
-    url = urlsplit(args.url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise UsageError(f"not an http(s) URL: {args.url[:200]!r}")
+    target = _target(args.url)
     if not 1 <= args.count <= _MAX_COUNT:
         raise UsageError(f"--count must be between 1 and {_MAX_COUNT}")
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
     key = _keys(args.secret)[0]
     fields = _event_fields(args)
-    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
     failures = 0
     for number in range(1, args.count + 1):
         try:
             event = make_event(args.event, **fields)
+            body = serialize(event)
         except MalformedEvent as exc:
             raise UsageError(f"--data does not make a valid {args.event} event: {exc}") from None
-        body = serialize(event)
+        except (ValueError, RecursionError) as exc:  # nested too deep to serialise
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise UsageError(f"cannot serialise the {args.event} event: {reason}") from None
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(body, key),
             "User-Agent": f"{PROG}/{__version__}",
         }
-        label = f"{number}/{args.count} {args.event} {_event_run_id(event)}"
+        label = escape_controls(f"{number}/{args.count} {args.event} {_event_run_id(event)}")
         try:
-            status, reason, answer = _post(url, path, body, headers, args.timeout)
+            status, reason, answer = _post(target, body, headers, args.timeout)
         except (OSError, http.client.HTTPException) as exc:
             print(f"{label} -> error: {exc or type(exc).__name__}", flush=True)
             print(f"{PROG}: cannot deliver to {args.url}", file=sys.stderr)
             return 1
+        reason = escape_controls(reason[:100])
         print(f"{label} -> {status} {reason} {_one_line(answer)}", flush=True)
         if not 200 <= status < 300:
             failures += 1
@@ -271,6 +333,8 @@ def _event_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_json(name: str) -> Any:
+    from .events import parse_json
+
     try:
         if name == "-":
             text = sys.stdin.buffer.read()
@@ -280,20 +344,51 @@ def _read_json(name: str) -> Any:
     except OSError as exc:
         raise UsageError(f"cannot read --data {name}: {exc.strerror or exc}") from None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise UsageError(f"--data {name} is not JSON: {str(exc)[:200]}") from None
+        # The receiver's own strict parser: what it would refuse is not sent.
+        return parse_json(text)
+    except WebhookError as exc:
+        raise UsageError(f"--data {name} is not JSON: {exc.detail[:200]}") from None
+
+
+class _Target(NamedTuple):
+    """Where ``send`` posts: checked once, before anything is sent."""
+
+    scheme: str
+    host: str
+    port: int | None
+    path: str
+
+
+def _target(text: str) -> _Target:
+    shown = repr(text[:200])
+    if any(char.isspace() or not char.isprintable() for char in text):
+        raise UsageError(f"the URL must not hold spaces or control characters: {shown}")
+    try:
+        url = urlsplit(text)
+        port = url.port  # raises on a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise UsageError(f"not a valid URL ({exc}): {shown}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise UsageError(f"not an http(s) URL: {shown}")
+    if port == 0:
+        raise UsageError(f"the URL's port must be between 1 and 65535: {shown}")
+    try:
+        url.hostname.encode("idna")  # what the resolver will do; a 64-letter label fails
+    except UnicodeError:
+        raise UsageError(f"not a valid host name: {shown}") from None
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    return _Target(url.scheme, url.hostname, port, path)
 
 
 def _post(
-    url: Any, path: str, body: bytes, headers: dict[str, str], timeout: float
+    target: _Target, body: bytes, headers: dict[str, str], timeout: float
 ) -> tuple[int, str, bytes]:
     connection_class = (
-        http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
     )
-    connection = connection_class(url.hostname, url.port, timeout=timeout)
+    connection = connection_class(target.host, target.port, timeout=timeout)
     try:
-        connection.request("POST", path, body=body, headers=headers)
+        connection.request("POST", target.path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, response.reason, response.read(64 * 1024)
     finally:
@@ -306,7 +401,8 @@ def _event_run_id(event: Any) -> str:
 
 
 def _one_line(raw: bytes, limit: int = 200) -> str:
-    text = raw.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ").strip()
+    text = raw[: limit * 4].decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
+    text = escape_controls(text.strip())  # an answer comes from elsewhere: show it inert
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -320,12 +416,10 @@ def _listen(args: argparse.Namespace) -> int:
     keys = _keys(args.secret)
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
-    if args.max_age < 0:
-        raise UsageError("--max-age must be 0 (off) or positive")
     try:
         store = store_from_url(args.store) if args.store else MemoryStore()
-    except (ValueError, ImportError) as exc:
-        raise UsageError(f"--store: {exc}") from None
+    except Exception as exc:  # whatever the store raises: a bad URL, a missing extra, ...
+        raise UsageError(f"--store: {_without_credentials(str(exc), args.store)}") from None
     receiver = Receiver(
         list(keys),
         store=store,
@@ -385,18 +479,24 @@ class _ListenHandler(BaseHTTPRequestHandler):
     def _deliver(self) -> None:
         headers = list(self.headers.items())
         receiver = self.receiver
-        lines: list[str] = []
+        body: bytes | None = None
+        error = ""
         response = receiver.precheck(headers, self.command)
         if response is None:
             body = self._read_body(receiver.max_body_size)
-            lines = _describe(body, headers, self.keys)
             try:
                 response = receiver.handle(body, headers, self.command)
             except Exception as exc:  # pragma: no cover - the receiver never raises
-                lines.append(f"  receiver error: {type(exc).__name__}")
+                error = f"  receiver error: {type(exc).__name__}"
                 response = _internal_error()
         self._answer(response)
-        head = f"[{time.strftime('%H:%M:%S')}] {self.command} {self.path} -> {response.status}"
+        lines: list[str] = []
+        if body is not None:
+            # Says only what the receiver checked (a 413 is not a bad signature).
+            lines = describe(body, headers, self.keys, status=response.status)
+        lines += [error] if error else []
+        request = escape_controls(f"{self.command} {self.path[:500]}")
+        head = f"[{time.strftime('%H:%M:%S')}] {request} -> {response.status}"
         with _PRINT_LOCK:
             print("\n".join([f"{head} {_one_line(response.body)}", *lines]), flush=True)
 
@@ -417,6 +517,17 @@ class _ListenHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(response.body)
+
+
+def _without_credentials(message: str, url: str) -> str:
+    """``message`` with the user:password part of ``url`` (if any) replaced by ``***``."""
+    scheme, separator, rest = url.partition("://")
+    rest = rest if separator else scheme
+    userinfo = rest.rpartition("@")[0]  # a password may hold "/" when pasted unencoded
+    for secret in (userinfo, userinfo.partition(":")[2]):
+        if secret:
+            message = message.replace(secret, "***")
+    return message.splitlines()[0][:200] if message else "cannot build the store"
 
 
 def _internal_error() -> Any:  # pragma: no cover - see above
@@ -451,55 +562,6 @@ def _read_chunked(rfile: BinaryReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _describe(body: bytes, headers: list[tuple[str, str]], keys: tuple[bytes, ...]) -> list[str]:
-    """What a developer wants to see about one delivery: signature, event, run, result."""
-    from .events import parse_json
-
-    values = [v for k, v in headers if k.lower() == SIGNATURE_HEADER.lower()]
-    try:
-        candidates = signature_candidates(values)
-        index = match_signature(body, candidates, keys)
-    except InvalidSignature as exc:
-        reason = exc.detail
-        if exc.code == "signature_mismatch":
-            reason += f"; likely cause: {explain_mismatch(body, keys, candidates)}"
-        return [f"  signature: INVALID ({reason})"]
-    lines = [f"  signature: valid (secret #{index + 1})" if len(keys) > 1 else "  signature: valid"]
-    try:
-        obj = parse_json(body)
-    except WebhookError as exc:
-        return [*lines, f"  body: {exc.detail}"]
-    if not isinstance(obj, dict):
-        return [*lines, "  body: not a JSON object"]
-    raw_data = obj.get("data")
-    data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
-    agent = data.get("agent_name") or "-"
-    if data.get("agent_id") is not None:
-        agent += f" ({data.get('agent_id')})"
-    lines.append(
-        f"  event: {obj.get('event')}  run: {data.get('run_id', '-')}  agent: {agent}"
-        f"  status: {data.get('status', '-')}  at: {obj.get('timestamp', '-')}"
-    )
-    if "output" in data:
-        lines.append("  output: " + _show(data["output"]))
-    if "error" in data:
-        error = data["error"]
-        if isinstance(error, dict) and "type" in error:
-            lines.append(f"  error: {error.get('type')}: {error.get('message', '')}")
-        else:
-            lines.append("  error: " + _show(error))
-    if obj.get("event") not in ("run.completed", "run.failed"):
-        lines.append("  data: " + _show(data))
-    return lines
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
-    if len(text) > _SHOW_LIMIT:
-        text = text[:_SHOW_LIMIT] + f"... ({len(text)} characters)"
-    return text.replace("\n", "\n    ")
-
-
 # -- schema -------------------------------------------------------------------------------
 
 
@@ -507,9 +569,18 @@ def _schema(args: argparse.Namespace) -> int:
     from .schema import event_schemas, openapi_document
 
     output = _import_model(args.output) if args.output else None
-    document = openapi_document(output) if args.openapi else event_schemas(output)
+    try:
+        document = openapi_document(output) if args.openapi else event_schemas(output)
+    except Exception as exc:  # pydantic cannot build a JSON Schema for that model
+        raise UsageError(f"no JSON Schema for {args.output}: {_first_line(exc)}") from None
     print(json.dumps(document, indent=2))
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    kind = type(exc).__name__
+    return f"{kind}: {text.splitlines()[0][:200]}" if text else kind
 
 
 def _import_model(spec: str) -> type[Any]:
@@ -520,7 +591,9 @@ def _import_model(spec: str) -> type[Any]:
     try:
         model = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot import {spec}: {exc}") from None
+        raise UsageError(f"cannot import {spec}: {_first_line(exc)}") from None
+    except (Exception, SystemExit) as exc:  # the module itself failed while importing
+        raise UsageError(f"cannot import {spec}: {_first_line(exc)}") from None
     from pydantic import BaseModel
 
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
