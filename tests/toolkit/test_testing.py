@@ -136,6 +136,19 @@ def test_signed_request_is_accepted_and_matches_the_known_answer() -> None:
     )
 
 
+@pytest.mark.parametrize("depth", [10, 300, 900])
+def test_an_event_nested_as_deep_as_the_receiver_takes_is_serialised(depth: int) -> None:
+    # pydantic serialises about 254 levels; the receiver accepts 1024.
+    output: Any = "leaf"
+    for _ in range(depth):
+        output = [output]
+    event = make_event("run.completed", output=output)
+    req = signed_request(event, SECRET)
+    assert json.loads(req.body)["timestamp"] == event.timestamp.isoformat().replace("+00:00", "Z")
+    receiver = Receiver(secret=SECRET)
+    assert receiver.handle(req.body, req.headers).status == 200
+
+
 def test_signed_request_keeps_exact_bytes_and_reads_the_env_secret(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
