@@ -6,8 +6,9 @@ An agent profiles a sales lead; FlyMy.AI posts ``run.completed`` with the profil
 Configured by environment only, so every web server runs it the same way:
 
 - ``FLYMY_WEBHOOK_SECRET`` the webhook secret (required).
-- ``FLYMY_STORE`` where handled events are remembered: ``memory://`` (default, one process),
-  ``sqlite:///deliveries.sqlite3`` (all workers of one machine) or ``redis://...``.
+- ``FLYMY_STORE`` where handled events are remembered: ``memory://`` (one process),
+  ``sqlite:///deliveries.sqlite3`` (all workers of one machine) or ``redis://...``; unset,
+  the receiver's default in-memory store, which warns under a multi-worker server.
 - ``LEADS_DB`` the SQLite file the handlers write to (default ``leads.sqlite3``).
 - ``FLYMY_MAX_BODY_SIZE`` the largest body accepted, in bytes (default 5 MiB).
 """
@@ -94,8 +95,9 @@ def connect() -> sqlite3.Connection:
 
 def make_receiver() -> Receiver:
     """The receiver every example app mounts; the secret comes from FLYMY_WEBHOOK_SECRET."""
+    url = os.environ.get("FLYMY_STORE")
     receiver = Receiver(
-        store=store_from_url(os.environ.get("FLYMY_STORE", "memory://")),
+        store=store_from_url(url) if url else None,  # None: the default, and its warning
         max_body_size=int(os.environ.get("FLYMY_MAX_BODY_SIZE", DEFAULT_MAX_BODY_SIZE)),
     )
     receiver.include(router)
