@@ -6,10 +6,11 @@ An agent profiles a sales lead; FlyMy.AI posts ``run.completed`` with the profil
 Configured by environment only, so every web server runs it the same way:
 
 - ``FLYMY_WEBHOOK_SECRET`` the webhook secret (required).
-- ``FLYMY_STORE`` where handled events are remembered: ``memory://`` (default, one process),
+- ``FLYMY_STORE`` where handled events are remembered: ``memory://`` (one process),
   ``sqlite:///deliveries.sqlite3`` (all workers of one machine), ``redis://...`` or
   ``postgresql://user:password@host:5432/dbname`` (many machines; the tables are created on
-  first use; ``pip install 'flymy-receiver[postgres]'``).
+  first use; ``pip install 'flymy-receiver[postgres]'``); unset, the receiver's default
+  in-memory store, which warns under a multi-worker server.
 - ``LEADS_DB`` the SQLite file the handlers write to (default ``leads.sqlite3``).
 - ``FLYMY_MAX_BODY_SIZE`` the largest body accepted, in bytes (default 5 MiB).
 """
@@ -97,12 +98,14 @@ def connect() -> sqlite3.Connection:
 def make_receiver(store: Store | None = None) -> Receiver:
     """The receiver every example app mounts; the secret comes from FLYMY_WEBHOOK_SECRET.
 
-    ``store`` defaults to the one ``FLYMY_STORE`` names (the Django example passes its own).
+    ``store`` defaults to the one ``FLYMY_STORE`` names (the Django example passes its own);
+    with neither, the receiver's default in-memory store, and its multi-worker warning.
     """
+    url = os.environ.get("FLYMY_STORE")
+    if store is None and url:
+        store = store_from_url(url)
     receiver = Receiver(
-        store=store
-        if store is not None
-        else store_from_url(os.environ.get("FLYMY_STORE", "memory://")),
+        store=store,
         max_body_size=int(os.environ.get("FLYMY_MAX_BODY_SIZE", DEFAULT_MAX_BODY_SIZE)),
     )
     receiver.include(router)

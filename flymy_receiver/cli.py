@@ -1,8 +1,9 @@
 """The ``flymy-receiver`` command: sign, verify, send, listen, inspect and schema.
 
 Uses the library's own signing code, so what ``sign`` prints is what the receiver expects.
-Results go to stdout, errors to stderr as one line. Exit codes: 0 success, 1 a failed
-verification or delivery, 2 bad usage (a missing secret, an unreadable file, a bad option).
+Results go to stdout, errors to stderr as one line, never a traceback. Exit codes: 0
+success, 1 a failed verification or delivery, 2 bad usage (a missing secret, an unreadable
+file, a bad option), 70 an internal error (a bug: the line names where it happened).
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ import http.client
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__
-from .cli_journal import JournalUsageError, add_journal_command, load_receiver, printable
+from .cli_journal import JournalUsageError, add_journal_command, load_receiver
+from .describe import describe, escape_controls
 from .errors import ConfigurationError, InvalidSignature, MalformedEvent, WebhookError
 from .signature import (
     SECRET_ENV_VAR,
@@ -38,10 +42,12 @@ from .signature import (
 __all__ = ["main"]
 
 PROG = "flymy-receiver"
-#: Output and error values longer than this are cut in ``listen``'s printout.
-_SHOW_LIMIT = 2000
 _MAX_COUNT = 100_000
 DEFAULT_MAX_AGE_S = timedelta(days=3).total_seconds()
+_MAX_AGE_LIMIT_S = timedelta(days=3650).total_seconds()
+_MAX_TIMEOUT_S = timedelta(days=1).total_seconds()
+#: Exit code of an internal error (sysexits.h's EX_SOFTWARE).
+_INTERNAL_ERROR = 70
 
 
 class UsageError(Exception):
@@ -65,10 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(
                 "choose a command: sign, verify, send, listen, inspect, journal or schema"
             )
+        _require_utf8(args)
         code: int = args.run(args)
         return code
     except (UsageError, JournalUsageError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {escape_controls(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -76,6 +83,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader (say, ``| head``) went away: not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as exc:
+        # A bug, not bad usage. One line that says where, never the exception's message:
+        # it could hold a secret or a payload.
+        print(f"{PROG}: internal error: {_where(exc)} (please report it)", file=sys.stderr)
+        return _INTERNAL_ERROR
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return type(exc).__name__
+    last = frames[-1]
+    return f"{type(exc).__name__} at {os.path.basename(last.filename)}:{last.lineno}"
+
+
+def _require_utf8(args: argparse.Namespace) -> None:
+    # A command line that is not valid UTF-8 arrives as surrogate escapes, which no encoder
+    # accepts later: refuse it here, naming the option but never showing its value.
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not _is_utf8(item):
+                option = "the URL" if name == "url" else "--" + name.replace("_", "-")
+                raise UsageError(f"{option} is not valid UTF-8")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _seconds(*, low: float, high: float, zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds in [low, high] (0 allowed if ``zero``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text[:40]!r}") from None
+        if not math.isfinite(value) or not (low <= value <= high or (zero and value == 0)):
+            lowest = "0 (off)" if zero else f"{low:g}"
+            raise argparse.ArgumentTypeError(f"must be between {lowest} and {high:.0f} seconds")
+        return value
+
+    return parse
 
 
 def _build_parser() -> _Parser:
@@ -113,7 +167,12 @@ def _build_parser() -> _Parser:
     p.add_argument("--run-id", help="use this run id for every event (to send duplicates)")
     p.add_argument("--agent-id", help="agent id of the events")
     p.add_argument("--agent-name", help="agent name of the events")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (30)")
+    p.add_argument(
+        "--timeout",
+        type=_seconds(low=0.001, high=_MAX_TIMEOUT_S, zero=False),
+        default=30.0,
+        help="seconds per request (30)",
+    )
     p.set_defaults(run=_send)
 
     p = commands.add_parser(
@@ -124,7 +183,7 @@ def _build_parser() -> _Parser:
     p.add_argument("--secret", action="append", help=secret_help + "; repeat it to rotate")
     p.add_argument(
         "--max-age",
-        type=float,
+        type=_seconds(low=0, high=_MAX_AGE_LIMIT_S, zero=True),
         default=DEFAULT_MAX_AGE_S,
         metavar="SECONDS",
         help="replay window on the event timestamp; 0 turns it off (3 days)",
@@ -158,6 +217,8 @@ def _build_parser() -> _Parser:
 def _keys(secret: str | list[str] | None) -> tuple[bytes, ...]:
     if not secret:
         secret = os.environ.get(SECRET_ENV_VAR)
+        if secret is not None and not _is_utf8(secret):
+            raise UsageError(f"${SECRET_ENV_VAR} is not valid UTF-8")
     if secret is None:
         raise UsageError(f"no secret: pass --secret or set {SECRET_ENV_VAR}")
     if any(not item.strip() for item in ([secret] if isinstance(secret, str) else secret)):
@@ -166,6 +227,8 @@ def _keys(secret: str | list[str] | None) -> tuple[bytes, ...]:
         return normalize_secrets(secret)
     except ConfigurationError as exc:
         raise UsageError(str(exc)) from None
+    except UnicodeError:  # its message would show a character of the secret
+        raise UsageError("webhook secret is not valid UTF-8") from None
 
 
 def _stdin_bytes() -> bytes:
@@ -227,35 +290,34 @@ def _matches(body: bytes, candidates: Sequence[bytes], keys: Sequence[bytes]) ->
 def _send(args: argparse.Namespace) -> int:
     from .testing import make_event, serialize
 
-    url = urlsplit(args.url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise UsageError(f"not an http(s) URL: {args.url[:200]!r}")
+    target = _target(args.url)
     if not 1 <= args.count <= _MAX_COUNT:
         raise UsageError(f"--count must be between 1 and {_MAX_COUNT}")
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
     key = _keys(args.secret)[0]
     fields = _event_fields(args)
-    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
     failures = 0
     for number in range(1, args.count + 1):
         try:
             event = make_event(args.event, **fields)
+            body = serialize(event)
         except MalformedEvent as exc:
             raise UsageError(f"--data does not make a valid {args.event} event: {exc}") from None
-        body = serialize(event)
+        except (ValueError, RecursionError) as exc:  # nested too deep to serialise
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise UsageError(f"cannot serialise the {args.event} event: {reason}") from None
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(body, key),
             "User-Agent": f"{PROG}/{__version__}",
         }
-        label = f"{number}/{args.count} {args.event} {_event_run_id(event)}"
+        label = escape_controls(f"{number}/{args.count} {args.event} {_event_run_id(event)}")
         try:
-            status, reason, answer = _post(url, path, body, headers, args.timeout)
+            status, reason, answer = _post(target, body, headers, args.timeout)
         except (OSError, http.client.HTTPException) as exc:
             print(f"{label} -> error: {exc or type(exc).__name__}", flush=True)
             print(f"{PROG}: cannot deliver to {args.url}", file=sys.stderr)
             return 1
+        reason = escape_controls(reason[:100])
         print(f"{label} -> {status} {reason} {_one_line(answer)}", flush=True)
         if not 200 <= status < 300:
             failures += 1
@@ -287,6 +349,8 @@ def _event_fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _read_json(name: str) -> Any:
+    from .events import parse_json
+
     try:
         if name == "-":
             text = sys.stdin.buffer.read()
@@ -296,20 +360,51 @@ def _read_json(name: str) -> Any:
     except OSError as exc:
         raise UsageError(f"cannot read --data {name}: {exc.strerror or exc}") from None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise UsageError(f"--data {name} is not JSON: {str(exc)[:200]}") from None
+        # The receiver's own strict parser: what it would refuse is not sent.
+        return parse_json(text)
+    except WebhookError as exc:
+        raise UsageError(f"--data {name} is not JSON: {exc.detail[:200]}") from None
+
+
+class _Target(NamedTuple):
+    """Where ``send`` posts: checked once, before anything is sent."""
+
+    scheme: str
+    host: str
+    port: int | None
+    path: str
+
+
+def _target(text: str) -> _Target:
+    shown = repr(text[:200])
+    if any(char.isspace() or not char.isprintable() for char in text):
+        raise UsageError(f"the URL must not hold spaces or control characters: {shown}")
+    try:
+        url = urlsplit(text)
+        port = url.port  # raises on a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise UsageError(f"not a valid URL ({exc}): {shown}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise UsageError(f"not an http(s) URL: {shown}")
+    if port == 0:
+        raise UsageError(f"the URL's port must be between 1 and 65535: {shown}")
+    try:
+        url.hostname.encode("idna")  # what the resolver will do; a 64-letter label fails
+    except UnicodeError:
+        raise UsageError(f"not a valid host name: {shown}") from None
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    return _Target(url.scheme, url.hostname, port, path)
 
 
 def _post(
-    url: Any, path: str, body: bytes, headers: dict[str, str], timeout: float
+    target: _Target, body: bytes, headers: dict[str, str], timeout: float
 ) -> tuple[int, str, bytes]:
     connection_class = (
-        http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
     )
-    connection = connection_class(url.hostname, url.port, timeout=timeout)
+    connection = connection_class(target.host, target.port, timeout=timeout)
     try:
-        connection.request("POST", path, body=body, headers=headers)
+        connection.request("POST", target.path, body=body, headers=headers)
         response = connection.getresponse()
         return response.status, response.reason, response.read(64 * 1024)
     finally:
@@ -322,7 +417,8 @@ def _event_run_id(event: Any) -> str:
 
 
 def _one_line(raw: bytes, limit: int = 200) -> str:
-    text = raw.decode("utf-8", "replace").replace("\r", " ").replace("\n", " ").strip()
+    text = raw[: limit * 4].decode("utf-8", "replace").replace("\r", " ").replace("\n", " ")
+    text = escape_controls(text.strip())  # an answer comes from elsewhere: show it inert
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -333,8 +429,6 @@ def _listen(args: argparse.Namespace) -> int:
     keys = _keys(args.secret)
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
-    if args.max_age < 0:
-        raise UsageError("--max-age must be 0 (off) or positive")
     devserver = _devserver()
     token = _token(args)
     store = _store(args.store) if args.store else None
@@ -463,70 +557,13 @@ def _print_delivery(
     """Print one request to ``listen``: what arrived, and what the receiver answered.
 
     ``body`` is ``None`` when the receiver refused before reading it (method, size,
-    encoding). Control characters from the request are printed escaped.
+    encoding). Everything from the request is printed with its control characters escaped.
     """
-    lines = _describe(body, headers, keys) if body is not None else []
-    head = f"[{time.strftime('%H:%M:%S')}] {method} {target} -> {status}"
-    text = "\n".join([f"{head} {_one_line(answer)}", *lines])
-    # Each line on its own: the newlines between lines are ours, any other is escaped.
-    safe = "\n".join(printable(line, limit=len(line)) for line in text.split("\n"))
+    lines = describe(body, headers, keys, status=status) if body is not None else []
+    request = escape_controls(f"{method} {target[:500]}")
+    head = f"[{time.strftime('%H:%M:%S')}] {request} -> {status}"
     with _PRINT_LOCK:
-        print(safe, flush=True)
-
-
-def _describe(body: bytes, headers: list[tuple[str, str]], keys: tuple[bytes, ...]) -> list[str]:
-    """What a developer wants to see about one delivery: signature, event, run, result."""
-    from .events import parse_json
-
-    values = [v for k, v in headers if k.lower() == SIGNATURE_HEADER.lower()]
-    try:
-        candidates = signature_candidates(values)
-        index = match_signature(body, candidates, keys)
-    except InvalidSignature as exc:
-        reason = exc.detail
-        if exc.code == "signature_mismatch":
-            reason += f"; likely cause: {explain_mismatch(body, keys, candidates)}"
-        return [f"  signature: INVALID ({reason})"]
-    lines = [f"  signature: valid (secret #{index + 1})" if len(keys) > 1 else "  signature: valid"]
-    try:
-        obj = parse_json(body)
-    except WebhookError as exc:
-        return [*lines, f"  body: {exc.detail}"]
-    if not isinstance(obj, dict):
-        return [*lines, "  body: not a JSON object"]
-    raw_data = obj.get("data")
-    data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
-    field = _printable_field
-    agent = field(data.get("agent_name") or "-")
-    if data.get("agent_id") is not None:
-        agent += f" ({field(data.get('agent_id'))})"
-    lines.append(
-        f"  event: {field(obj.get('event'))}  run: {field(data.get('run_id', '-'))}  agent: {agent}"
-        f"  status: {field(data.get('status', '-'))}  at: {field(obj.get('timestamp', '-'))}"
-    )
-    if "output" in data:
-        lines.append("  output: " + _show(data["output"]))
-    if "error" in data:
-        error = data["error"]
-        if isinstance(error, dict) and "type" in error:
-            lines.append(f"  error: {field(error.get('type'))}: {field(error.get('message', ''))}")
-        else:
-            lines.append("  error: " + _show(error))
-    if obj.get("event") not in ("run.completed", "run.failed"):
-        lines.append("  data: " + _show(data))
-    return lines
-
-
-def _printable_field(value: Any) -> str:
-    """A payload value for one line of output: control characters, newlines too, escaped."""
-    return printable(value, limit=_SHOW_LIMIT)
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
-    if len(text) > _SHOW_LIMIT:
-        text = text[:_SHOW_LIMIT] + f"... ({len(text)} characters)"
-    return text.replace("\n", "\n    ")
+        print("\n".join([f"{head} {_one_line(answer)}", *lines]), flush=True)
 
 
 # -- schema -------------------------------------------------------------------------------
@@ -536,9 +573,18 @@ def _schema(args: argparse.Namespace) -> int:
     from .schema import event_schemas, openapi_document
 
     output = _import_model(args.output) if args.output else None
-    document = openapi_document(output) if args.openapi else event_schemas(output)
+    try:
+        document = openapi_document(output) if args.openapi else event_schemas(output)
+    except Exception as exc:  # pydantic cannot build a JSON Schema for that model
+        raise UsageError(f"no JSON Schema for {args.output}: {_first_line(exc)}") from None
     print(json.dumps(document, indent=2))
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    kind = type(exc).__name__
+    return f"{kind}: {text.splitlines()[0][:200]}" if text else kind
 
 
 def _import_model(spec: str) -> type[Any]:
@@ -549,7 +595,9 @@ def _import_model(spec: str) -> type[Any]:
     try:
         model = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot import {spec}: {exc}") from None
+        raise UsageError(f"cannot import {spec}: {_first_line(exc)}") from None
+    except (Exception, SystemExit) as exc:  # the module itself failed while importing
+        raise UsageError(f"cannot import {spec}: {_first_line(exc)}") from None
     from pydantic import BaseModel
 
     if not (isinstance(model, type) and issubclass(model, BaseModel)):

@@ -1,31 +1,54 @@
 """pytest fixtures for testing FlyMy.AI webhook handlers (loaded through ``pytest11``).
 
-``flymy_secret`` is the secret tests sign with (also set as ``FLYMY_WEBHOOK_SECRET`` for the
-test, so ``Receiver()`` picks it up); override the fixture to use your app's own.
-``flymy_event`` is :func:`~flymy_receiver.testing.make_event`; ``flymy_signed`` signs an
+When pytest starts with no ``FLYMY_WEBHOOK_SECRET`` set, the plugin sets it to
+:data:`TEST_SECRET` for the session, so an app that builds ``Receiver()`` at import time can
+be imported by a test module (``from app import app`` at the top) with no setup.
+``flymy_secret`` is that secret (whatever ``FLYMY_WEBHOOK_SECRET`` holds, yours if you set
+it); ``flymy_event`` is :func:`~flymy_receiver.testing.make_event`; ``flymy_signed`` signs an
 event with ``flymy_secret``. Imports no web framework, and nothing until a fixture is used.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-__all__ = ["flymy_event", "flymy_secret", "flymy_signed"]
+from .signature import SECRET_ENV_VAR as _SECRET_ENV_VAR
 
-#: The secret the fixtures sign with unless ``flymy_secret`` is overridden.
+__all__ = ["TEST_SECRET", "flymy_event", "flymy_secret", "flymy_signed"]
+
+#: The secret tests use when ``FLYMY_WEBHOOK_SECRET`` is not set.
 TEST_SECRET = "whsec-flymy-receiver-tests"  # noqa: S105 - a test value, not a real secret
+_SET_BY_PLUGIN = "_flymy_receiver_set_secret"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Export :data:`TEST_SECRET` for the session unless a secret is already set.
+
+    Runs after the environment and the top ``conftest.py`` files are read, so a secret
+    set there (``os.environ["FLYMY_WEBHOOK_SECRET"] = ...``) wins.
+    """
+    if not os.environ.get(_SECRET_ENV_VAR):
+        os.environ[_SECRET_ENV_VAR] = TEST_SECRET
+        setattr(config, _SET_BY_PLUGIN, True)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Take back the secret the plugin set (an in-process pytest run must not leak it)."""
+    if getattr(config, _SET_BY_PLUGIN, False):
+        os.environ.pop(_SECRET_ENV_VAR, None)
 
 
 @pytest.fixture
 def flymy_secret(monkeypatch: pytest.MonkeyPatch) -> str:
-    """The webhook secret for this test, also exported as ``FLYMY_WEBHOOK_SECRET``."""
-    from .signature import SECRET_ENV_VAR
-
-    monkeypatch.setenv(SECRET_ENV_VAR, TEST_SECRET)
-    return TEST_SECRET
+    """The webhook secret for this test: ``FLYMY_WEBHOOK_SECRET`` (the plugin's
+    :data:`TEST_SECRET` unless you set one), exported for the test."""
+    secret = os.environ.get(_SECRET_ENV_VAR) or TEST_SECRET
+    monkeypatch.setenv(_SECRET_ENV_VAR, secret)  # back, if an earlier test removed it
+    return secret
 
 
 @pytest.fixture

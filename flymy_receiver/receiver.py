@@ -198,7 +198,7 @@ class Receiver(Router):
             raise ValueError("max_body_size must be positive")
         if lease <= timedelta(0):
             raise ValueError("lease must be positive")
-        self.store: Store = store if store is not None else MemoryStore()
+        self.store: Store = store if store is not None else MemoryStore.default()
         self.max_body_size = max_body_size
         self.max_age = max_age
         self.max_clock_skew = max_clock_skew

@@ -25,6 +25,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 
 from .events import BaseEvent, RunCompleted, validate_event
 from .routing import Router
@@ -147,8 +148,17 @@ def serialize(event: EventLike) -> bytes:
     if isinstance(event, str):
         return event.encode()
     if isinstance(event, BaseModel):
-        return event.model_dump_json().encode()
-    return json.dumps(event, separators=(",", ":"), default=str).encode()
+        try:
+            return event.model_dump_json().encode()
+        except PydanticSerializationError:
+            # pydantic serialises at most ~254 levels of nesting: the standard encoder goes
+            # as deep as the Python stack allows, so a test can build what the receiver refuses.
+            event = event.model_dump()
+    return json.dumps(event, separators=(",", ":"), default=_json_default).encode()
+
+
+def _json_default(value: Any) -> Any:
+    return _utc_iso(value) if isinstance(value, datetime) else str(value)
 
 
 # -- requests a receiver must refuse ------------------------------------------------------

@@ -7,7 +7,8 @@ caps genuine large outputs nor turns the receiver's 413 into Django's 400: the r
 ``max_body_size`` is the one limit that applies to this view.
 
 Under ASGI, Django's handler reads (and spools) a whole body before any view runs, so wrap
-the application in :class:`WebhookBodyLimit` to refuse an oversized delivery first.
+the application in :class:`WebhookBodyLimit` to refuse an oversized delivery first: it finds
+the webhook's URLs itself, wherever ``view``/``aview`` are mounted.
 
 Both views manage their own transactions, so they are exempt from ``ATOMIC_REQUESTS``.
 
@@ -20,7 +21,7 @@ as they are.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 try:
@@ -46,10 +47,13 @@ _Send = Callable[[_Message], Awaitable[None]]
 _ASGIApp = Callable[[_Message, _Receive, _Send], Awaitable[None]]
 
 
-def view(receiver: Receiver) -> Callable[[HttpRequest], HttpResponse]:
-    """A sync view (WSGI, or ASGI through Django's thread); async handlers still work."""
+def view(receiver: Receiver) -> Callable[..., HttpResponse]:
+    """A sync view (WSGI, or ASGI through Django's thread); async handlers still work.
 
-    def webhook(request: HttpRequest) -> HttpResponse:
+    Parameters captured by the URL pattern (``<slug:tenant>``) are accepted and ignored.
+    """
+
+    def webhook(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
         headers = _read_headers(request)
         response = receiver.precheck(headers, request.method or "")
         if response is None:
@@ -57,13 +61,16 @@ def view(receiver: Receiver) -> Callable[[HttpRequest], HttpResponse]:
             response = receiver.handle(body, headers, request.method or "")
         return _to_django(response)
 
-    return _non_atomic(_csrf_exempt(webhook))
+    return _non_atomic(_mark(_csrf_exempt(webhook), receiver))
 
 
-def aview(receiver: Receiver) -> Callable[[HttpRequest], Awaitable[HttpResponse]]:
-    """An async view for Django under ASGI: sync handlers run in a worker thread."""
+def aview(receiver: Receiver) -> Callable[..., Awaitable[HttpResponse]]:
+    """An async view for Django under ASGI: sync handlers run in a worker thread.
 
-    async def webhook(request: HttpRequest) -> HttpResponse:
+    Parameters captured by the URL pattern (``<slug:tenant>``) are accepted and ignored.
+    """
+
+    async def webhook(request: HttpRequest, *args: object, **kwargs: object) -> HttpResponse:
         headers = _read_headers(request)
         response = receiver.precheck(headers, request.method or "")
         if response is None:
@@ -72,7 +79,7 @@ def aview(receiver: Receiver) -> Callable[[HttpRequest], Awaitable[HttpResponse]
             response = await receiver.ahandle(body, headers, request.method or "")
         return _to_django(response)
 
-    return _non_atomic(_csrf_exempt(webhook))
+    return _non_atomic(_mark(_csrf_exempt(webhook), receiver))
 
 
 def _reader(request: HttpRequest) -> Callable[[int], bytes]:
@@ -93,7 +100,19 @@ def _read_headers(request: HttpRequest) -> list[tuple[str, str]]:
 
 
 def _to_django(response: Response) -> HttpResponse:
-    return HttpResponse(response.body, status=response.status, headers=dict(response.headers))
+    answer = HttpResponse(response.body, status=response.status, headers=dict(response.headers))
+    # The receiver has logged this answer once, with its reason, on the flymy_receiver
+    # logger; the flag (Django's own, checked by django.utils.log.log_response) keeps
+    # django.request from logging every refusal a second time ("Unauthorized: /webhooks/...").
+    answer._has_been_logged = True
+    return answer
+
+
+def _mark(view: _View, receiver: Receiver) -> _View:
+    # How WebhookBodyLimit recognises the view behind a URL. functools.wraps copies it, so a
+    # decorated view is recognised too.
+    view.flymy_receiver = receiver  # type: ignore[attr-defined]
+    return view
 
 
 def _csrf_exempt(view: _View) -> _View:
@@ -117,24 +136,53 @@ def _non_atomic(view: _View) -> _View:
 class WebhookBodyLimit:
     """ASGI middleware for Django: ``WebhookBodyLimit(get_asgi_application(), receiver)``.
 
-    On the webhook ``path`` it answers the receiver's 405/413/415 from the headers alone, and
-    ends a longer body one byte past ``max_body_size``, so that the view answers 413 without
-    the rest having been read or spooled. Other paths pass through untouched.
+    Guards every URL that Django's resolver maps to a :func:`view` or :func:`aview`, at any
+    path and with any converters, each with the limits of its own view's receiver. On those
+    URLs it answers the receiver's 405/413/415 from the headers alone, and ends a longer body
+    one byte past ``max_body_size``, so that the view answers 413 without the rest having
+    been read or spooled. Other paths pass through untouched.
+
+    ``path`` (a path or several, as the client sends them) guards more URLs with
+    ``receiver``'s limits: a webhook view of your own that calls ``receiver.handle``, or one
+    wrapped by a decorator that hides the view it wraps.
     """
 
-    def __init__(self, app: _ASGIApp, receiver: Receiver, path: str = "/webhooks/flymy") -> None:
-        self.app, self.receiver, self.path = app, receiver, path
+    def __init__(
+        self, app: _ASGIApp, receiver: Receiver, path: str | Iterable[str] | None = None
+    ) -> None:
+        self.app, self.receiver = app, receiver
+        self.paths = frozenset([path] if isinstance(path, str) else path or ())
+
+    def receiver_for(self, scope: _Message) -> Receiver | None:
+        """The receiver whose limits apply to this request, or ``None`` for other URLs."""
+        if scope["path"] in self.paths:
+            return self.receiver
+        from django.conf import settings
+        from django.urls import resolve
+
+        # What Django resolves: the path below the script prefix (ASGIRequest.path_info).
+        path: str = scope["path"]
+        prefix = settings.FORCE_SCRIPT_NAME or scope.get("root_path") or ""
+        if prefix and path.startswith(prefix):
+            path = path[len(prefix) :]
+        try:
+            match = resolve(path)  # the settings' URLconf: a per-request one needs path=
+        except Exception:  # a 404, or a broken URLconf Django reports better itself
+            return None
+        receiver = getattr(match.func, "flymy_receiver", None)
+        return receiver if isinstance(receiver, Receiver) else None
 
     async def __call__(self, scope: _Message, receive: _Receive, send: _Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path:
+        receiver = self.receiver_for(scope) if scope["type"] == "http" else None
+        if receiver is None:
             return await self.app(scope, receive, send)
-        early = self.receiver.precheck(scope["headers"], scope["method"])
+        early = receiver.precheck(scope["headers"], scope["method"])
         if early is not None:
             headers = [(k.lower().encode(), v.encode()) for k, v in early.headers.items()]
             await send({"type": "http.response.start", "status": early.status, "headers": headers})
             await send({"type": "http.response.body", "body": early.body})
             return None
-        limit = self.receiver.max_body_size
+        limit = receiver.max_body_size
         received = 0
         ended = False
 

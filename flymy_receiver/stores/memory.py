@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from typing import Any
 
 from .base import Claim, ClaimState
 from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal, to_datetime
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "warn_if_several_processes"]
+
+logger = logging.getLogger("flymy_receiver")
 
 _DONE = Claim(ClaimState.DONE)
 
@@ -31,6 +36,15 @@ class MemoryStore:
     """
 
     blocking = False
+
+    @classmethod
+    def default(cls) -> MemoryStore:
+        """The store a :class:`~flymy_receiver.Receiver` builds when given none: a
+        ``MemoryStore`` that warns (once per process) where it cannot be right, under a
+        multi-process server or in a process forked after it was built. Passing
+        ``store=MemoryStore()`` yourself says one process is what you run: no warning."""
+        warn_if_several_processes()
+        return _DefaultMemoryStore()
 
     def __init__(
         self,
@@ -287,3 +301,55 @@ def _entry(fields: _Kept) -> JournalEntry:
         headers=dict(new.headers),
         handlers=dict(fields.handlers),
     )
+
+
+class _DefaultMemoryStore(MemoryStore):
+    """The default store: notices being used in a process forked after it was built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pid = os.getpid()
+
+    def claim(self, *args: Any, **kwargs: Any) -> Claim:
+        if self._pid != os.getpid():  # one int comparison per delivery
+            parent, self._pid = self._pid, os.getpid()
+            warn_if_several_processes(
+                f"this process (pid {self._pid}) was forked from the one that built the "
+                f"receiver (pid {parent}), as a pre-forking server does with a preloaded app"
+            )
+        return super().claim(*args, **kwargs)
+
+
+_warned_pid: int | None = None
+_warn_lock = threading.Lock()
+
+
+def warn_if_several_processes(reason: str | None = None) -> bool:
+    """Log a WARNING, once per process, when an in-memory store cannot be right here.
+
+    ``reason`` says why; without one the environment is checked: gunicorn sets
+    ``SERVER_SOFTWARE`` in the master before it loads the app or forks a worker, so the
+    app's workers (preloaded or not) all see it. Returns whether it warned.
+    """
+    global _warned_pid
+    if reason is None:
+        software = os.environ.get("SERVER_SOFTWARE", "")
+        if not software.lower().startswith("gunicorn"):
+            return False
+        reason = (
+            f"it runs under {software[:40]}, whose workers are separate processes "
+            "(and are restarted, which empties their memory)"
+        )
+    with _warn_lock:
+        if _warned_pid == os.getpid():
+            return False
+        _warned_pid = os.getpid()
+    logger.warning(
+        "the default in-memory idempotency store is private to one process, but %s: each "
+        "process keeps its own records, so a duplicate that reaches another one runs the "
+        "handlers again. Use store=SQLiteStore(path) (the workers of one machine) or "
+        "store=RedisStore(url) (several machines); pass store=MemoryStore() to say you run "
+        "one process.",
+        reason,
+    )
+    return True

@@ -314,7 +314,9 @@ class PostgresStore:
                 params = conninfo_to_dict(url_or_pool)
             except psycopg.Error:
                 # libpq's message may quote the string, password included.
-                raise ConfigurationError("not a valid PostgreSQL URL or connection string") from None
+                raise ConfigurationError(
+                    "not a valid PostgreSQL URL or connection string"
+                ) from None
             ports = str(params.get("port") or "0").split(",")
             if not all(p.strip().isdigit() and int(p) < 65536 for p in ports):
                 raise ConfigurationError("the PostgreSQL URL's port is not a number")

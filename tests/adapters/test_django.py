@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -111,3 +112,26 @@ class TestDjangoAview(DjangoContract):
 
     def deliver_stream(self, receiver: Receiver, body: Tripwire, headers: Headers) -> Reply:
         return self.send_asgi(receiver, headers, body, "POST")
+
+
+@pytest.mark.parametrize("make_view", ["view", "aview"])
+def test_a_refusal_is_logged_once_not_again_by_django_request(
+    make_view: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from django.test import AsyncClient, Client, override_settings
+
+    from flymy_receiver import django as adapter
+
+    receiver = Receiver(secret="whsec-once")
+    body = event_body()
+    headers = {"X-FlyMyAI-Signature": "0" * 64}
+    caplog.set_level(logging.INFO)
+    with override_settings(ROOT_URLCONF=urlconf(getattr(adapter, make_view)(receiver))):
+        if make_view == "view":
+            response = Client().post(URL, body, content_type="application/json", headers=headers)
+        else:
+            response = asyncio.run(
+                AsyncClient().post(URL, body, content_type="application/json", headers=headers)
+            )
+    assert response.status_code == 401
+    assert [r.name for r in caplog.records if r.levelno >= logging.WARNING] == ["flymy_receiver"]

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +16,7 @@ import pytest
 
 from flymy_receiver import sign
 from flymy_receiver.schema import event_schemas
-from flymy_receiver.testing import make_event, signed_request, stale_request
+from flymy_receiver.testing import make_event, serialize, signed_request, stale_request
 from tests.conftest import SECRET
 from tests.servers import PYTHON, ROOT, free_port, post, serve, server_log
 from tests.toolkit.cli_runner import cli
@@ -104,6 +108,109 @@ def test_bad_usage_is_one_line_and_exit_code_2(args: tuple[str, ...], message: s
     result = cli(*args)
     assert result.returncode == 2
     assert message in _one_line_error(result)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+NOT_UTF8 = os.fsdecode(b"caf\xe9")  # Latin-1 bytes on the command line: surrogate escapes
+URL = "http://127.0.0.1:9/webhooks/flymy"
+# Files the bad inputs below refer to, made in the test's working directory.
+FILES = {
+    "deep.json": _nested(1100),
+    "nan.json": '{"score": NaN}',
+    "list.json": "[1, 2]",
+    "latin1.json": b'{"name": "caf\xe9"}',
+    "raises.py": "raise ZeroDivisionError('at import')\n",
+    "exits.py": "import sys\nsys.exit(3)\n",
+    "broken.py": "def (:\n",
+    "unschemable.py": (
+        "from typing import Callable\nfrom pydantic import BaseModel\n\n"
+        "class Model(BaseModel):\n    call: Callable[[], int]\n"
+    ),
+    "plain.py": "Model = 3\n",
+}
+BAD_INPUTS: dict[str, tuple[str, ...]] = {
+    "max-age-nan": ("listen", "--port", "0", "--secret", "k", "--max-age", "nan"),
+    "max-age-inf": ("listen", "--port", "0", "--secret", "k", "--max-age", "inf"),
+    "max-age-huge": ("listen", "--port", "0", "--secret", "k", "--max-age", "1e300"),
+    "max-age-negative": ("listen", "--port", "0", "--secret", "k", "--max-age", "-1"),
+    "max-age-text": ("listen", "--port", "0", "--secret", "k", "--max-age", "3d"),
+    "port-negative": ("listen", "--port", "-5", "--secret", "k"),
+    "store-bad-url": ("listen", "--port", "0", "--secret", "k", "--store", "redis://:pw1@[::1"),
+    "store-no-scheme": ("listen", "--port", "0", "--secret", "k", "--store", "u:pw1@h"),
+    "url-port-too-big": ("send", "http://127.0.0.1:99999/", "--secret", "k"),
+    "url-port-zero": ("send", "http://127.0.0.1:0/", "--secret", "k"),
+    "url-port-text": ("send", "http://h:abc/", "--secret", "k"),
+    "url-ipv6-unclosed": ("send", "http://[::1", "--secret", "k"),
+    "url-no-host": ("send", "http:///path", "--secret", "k"),
+    "url-label-too-long": ("send", f"http://{'a' * 64}.example/", "--secret", "k"),
+    "url-space": ("send", "http://h/a b", "--secret", "k"),
+    "url-control": ("send", "http://h/\x1b[2J", "--secret", "k"),
+    "timeout-nan": ("send", URL, "--secret", "k", "--timeout", "nan"),
+    "timeout-inf": ("send", URL, "--secret", "k", "--timeout", "inf"),
+    "timeout-huge": ("send", URL, "--secret", "k", "--timeout", "1e300"),
+    "timeout-zero": ("send", URL, "--secret", "k", "--timeout", "0"),
+    "count-huge": ("send", URL, "--secret", "k", "--count", "10000000"),
+    "data-too-deep": ("send", URL, "--secret", "k", "--data", "deep.json"),
+    "data-nan": ("send", URL, "--secret", "k", "--data", "nan.json"),
+    "data-not-utf8": ("send", URL, "--secret", "k", "--data", "latin1.json"),
+    "data-directory": ("send", URL, "--secret", "k", "--data", "."),
+    "data-not-object": ("send", URL, "--secret", "k", "--event", "x.y", "--data", "list.json"),
+    "run-id-not-utf8": ("send", URL, "--secret", "k", "--run-id", NOT_UTF8),
+    "event-not-utf8": ("send", URL, "--secret", "k", "--event", NOT_UTF8),
+    "url-not-utf8": ("send", f"http://h/{NOT_UTF8}", "--secret", "k"),
+    "secret-not-utf8-sign": ("sign", "--secret", NOT_UTF8),
+    "secret-not-utf8-send": ("send", URL, "--secret", NOT_UTF8),
+    "secret-not-utf8-listen": ("listen", "--port", "0", "--secret", NOT_UTF8),
+    "signature-not-utf8": ("verify", "--secret", "k", "--signature", NOT_UTF8),
+    "schema-import-raises": ("schema", "--output", "raises:Model"),
+    "schema-import-exits": ("schema", "--output", "exits:Model"),
+    "schema-syntax-error": ("schema", "--output", "broken:Model"),
+    "schema-relative": ("schema", "--output", ".relative:Model"),
+    "schema-not-a-model": ("schema", "--output", "plain:Model"),
+    "schema-unschemable": ("schema", "--output", "unschemable:Model"),
+    "schema-not-utf8": ("schema", "--output", f"{NOT_UTF8}:Model"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_every_bad_input_is_one_line_and_exit_code_2(name: str, tmp_path: Path) -> None:
+    for file, content in FILES.items():
+        path = tmp_path / file
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    result = cli(*BAD_INPUTS[name], cwd=tmp_path)  # cli() asserts there is no traceback
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    line = _one_line_error(result)
+    assert "pw1" not in line
+    assert NOT_UTF8 not in line
+    # Nothing the terminal would interpret, whatever the input held.
+    assert line.isprintable(), line
+    assert result.stdout == ""
+
+
+def test_a_secret_from_the_environment_that_is_not_utf8_is_one_line() -> None:
+    result = cli("sign", env={"FLYMY_WEBHOOK_SECRET": NOT_UTF8})
+    assert result.returncode == 2
+    assert "FLYMY_WEBHOOK_SECRET is not valid UTF-8" in _one_line_error(result)
+
+
+def test_an_internal_error_is_one_line_without_its_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flymy_receiver import cli as cli_module
+
+    def broken(body: bytes, key: bytes) -> str:
+        raise RuntimeError("a message that could hold " + KNOWN_SECRET)
+
+    monkeypatch.setattr(cli_module, "sign", broken)
+    monkeypatch.setattr(cli_module, "_stdin_bytes", lambda: b"{}")
+    assert cli_module.main(["sign", "--secret", KNOWN_SECRET]) == 70
+    err = capsys.readouterr().err
+    assert err.startswith("flymy-receiver: internal error: RuntimeError at test_cli.py:")
+    assert len(err.splitlines()) == 1
+    assert KNOWN_SECRET not in err
 
 
 # -- schema -----------------------------------------------------------------------------------
@@ -223,6 +330,90 @@ def test_listen_reads_a_chunked_body(listener: tuple[int, Any]) -> None:
         assert conn.getresponse().status == 200
     finally:
         conn.close()
+
+
+def _raw_post(port: int, path: str, headers: dict[str, str], data: bytes) -> int:
+    """Send bytes as they are (a path http.client would refuse, an unfinished body)."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a server that answered early (413) may close before taking it all
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status
+
+
+def _log_after(proc: Any, marker: str) -> str:
+    # The listener prints each delivery after answering it: wait (bounded) for its line.
+    for _ in range(200):
+        log = server_log(proc)
+        if marker in log:
+            return log[log.index(marker) :]
+        time.sleep(0.05)
+    raise AssertionError(f"{marker!r} never printed:\n{server_log(proc)[-3000:]}")
+
+
+def test_listen_never_calls_an_oversized_signed_body_invalid(listener: tuple[int, Any]) -> None:
+    port, proc = listener
+    event = make_event("run.completed", run_id="run_oversized").model_dump(mode="json")
+    event["data"]["output"] = "x" * (5 * 1024 * 1024 + 16384)  # over listen's 5 MiB limit
+    req = signed_request(event, SECRET)  # correctly signed over the whole body
+    size = 64 * 1024
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(req.body[i : i + size]), req.body[i : i + size])
+        for i in range(0, len(req.body), size)
+    )  # no final chunk: only a listener that stops reading at the limit can answer
+    headers = {**req.headers, "Transfer-Encoding": "chunked"}
+    # The query string only tells this request apart in the listener's shared log.
+    assert _raw_post(port, "/webhooks/flymy?t=oversized", headers, chunks) == 413
+    printed = _log_after(proc, "/webhooks/flymy?t=oversized -> 413")
+    assert "INVALID" not in printed.split("\n[")[0]
+    assert "body over max_body_size: refused before the signature was checked" in printed
+
+
+def test_listen_shows_a_huge_nested_output_quickly(listener: tuple[int, Any]) -> None:
+    port, proc = listener
+    block = b"[" * 150 + b"]" * 150  # within the receiver's nesting limit
+    output = b"[" + b",".join([block] * 13_000) + b"]"  # 4 MB; indented whole: gigabytes
+    envelope = make_event("run.completed", run_id="run_nested", output=None)
+    body = serialize(envelope).replace(b'"output":null', b'"output":' + output)
+    req = signed_request(body, SECRET)
+    assert post(port, req.body, req.headers, path="/webhooks/flymy", timeout=60)[0] == 200
+    printed = _log_after(proc, "run: run_nested").split("\n[")[0]
+    assert "run: run_nested" in printed
+    assert "... (cut)" in printed
+    assert len(printed) < 5000
+
+
+def test_listen_prints_no_terminal_escape_from_a_delivery(listener: tuple[int, Any]) -> None:
+    port, proc = listener
+    hostile = "\x1b]0;owned\x07\x1b[2J\x9b31m\u202e"
+    event = make_event(
+        "run.failed",
+        run_id="run_esc" + hostile,
+        agent_name=hostile,
+        error={"type": hostile, "message": hostile},
+    )
+    req = signed_request(event, SECRET)
+    headers = {**req.headers, "Content-Length": str(len(req.body))}
+    assert _raw_post(port, "/webhooks/flymy", headers, req.body) == 200
+    printed = _log_after(proc, "run: run_esc")
+    for char in "\x1b\x07\x9b\u202e":
+        assert char not in printed
+    assert "run: run_esc\\x1b]0;owned\\x07" in printed
+
+
+def test_send_a_deeply_nested_output(listener: tuple[int, Any], tmp_path: Path) -> None:
+    port, proc = listener
+    data = tmp_path / "deep.json"
+    data.write_text(_nested(190))  # within the receiver's nesting limit of 200
+    result = _send(port, "--data", str(data), "--run-id", "run_deep")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " -> 200 OK" in result.stdout
+    assert "run: run_deep" in _log_after(proc, "run: run_deep")
 
 
 def test_send_to_nothing_fails_in_one_line() -> None:

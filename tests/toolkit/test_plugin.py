@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+from flymy_receiver import SECRET_ENV_VAR
 
 pytest_plugins = ["pytester"]
 
@@ -93,3 +97,64 @@ def test_nothing_heavy_loaded(request):
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+# An app as many are written: the receiver is built when the module is imported.
+IMPORT_TIME_APP = """
+from flymy_receiver import Receiver, RunCompleted
+
+receiver = Receiver()  # FLYMY_WEBHOOK_SECRET, read at import
+seen = []
+
+@receiver.on("run.completed")
+def profiled(event: RunCompleted) -> None:
+    seen.append(event.data.run_id)
+"""
+
+IMPORT_TIME_TESTS = """
+from app import receiver, seen  # at the top of the module: imported at collection
+
+def test_signed_by_the_fixture_is_accepted(flymy_event, flymy_signed):
+    req = flymy_signed(flymy_event("run.completed", run_id="run_1"))
+    assert receiver.handle(req.body, req.headers).status == 200
+    assert seen == ["run_1"]
+
+def test_the_secret_fixture_is_the_one_the_app_read(flymy_secret, flymy_event):
+    from flymy_receiver.testing import signed_request
+    req = signed_request(flymy_event(), flymy_secret)
+    assert receiver.handle(req.body, req.headers).status == 200
+"""
+
+
+def test_an_app_that_builds_its_receiver_at_import_needs_no_setup(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)  # a fresh shell: no secret anywhere
+    pytester.makepyfile(app=IMPORT_TIME_APP, test_app=IMPORT_TIME_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_a_secret_set_by_the_user_is_the_one_everything_uses(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    pytester.makeconftest(f"import os\nos.environ[{SECRET_ENV_VAR!r}] = 'whsec-my-apps-own'\n")
+    pytester.makepyfile(
+        app=IMPORT_TIME_APP,
+        test_app=IMPORT_TIME_TESTS
+        + "\ndef test_secret(flymy_secret):\n    assert flymy_secret == 'whsec-my-apps-own'\n",
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+
+
+def test_the_session_secret_is_taken_back_at_the_end(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(SECRET_ENV_VAR, raising=False)
+    pytester.makepyfile(
+        test_env=f"import os\n\ndef test_set():\n    assert os.environ[{SECRET_ENV_VAR!r}]\n"
+    )
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    assert SECRET_ENV_VAR not in os.environ

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from flymy_receiver.events import MAX_DEPTH
 from flymy_receiver import (
     OutputMismatch,
     Receiver,
@@ -134,6 +135,22 @@ def test_signed_request_is_accepted_and_matches_the_known_answer() -> None:
     assert known.headers["X-FlyMyAI-Signature"] == (
         "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
     )
+
+
+@pytest.mark.parametrize(
+    ("depth", "status"), [(10, 200), (MAX_DEPTH - 5, 200), (300, 400), (900, 400)]
+)
+def test_an_event_nested_at_any_depth_is_serialised(depth: int, status: int) -> None:
+    # pydantic serialises about 254 levels: deeper events (to test the receiver's 400) are
+    # written by the standard encoder.
+    output: Any = "leaf"
+    for _ in range(depth):
+        output = [output]
+    event = make_event("run.completed", output=output)
+    req = signed_request(event, SECRET)
+    assert json.loads(req.body)["timestamp"] == event.timestamp.isoformat().replace("+00:00", "Z")
+    receiver = Receiver(secret=SECRET)
+    assert receiver.handle(req.body, req.headers).status == status
 
 
 def test_signed_request_keeps_exact_bytes_and_reads_the_env_secret(
