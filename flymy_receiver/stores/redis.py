@@ -176,11 +176,11 @@ class RedisStore:
     load balancer.
 
     ``url_or_client`` is a ``redis://`` / ``rediss://`` / ``unix://`` URL or a ready
-    ``redis.Redis`` client (then its timeouts are yours to set; if it decodes responses,
-    the store talks through a twin that does not, since journal bodies are bytes). Keys are ``prefix`` + ``{event key}`` (and
-    ``prefix`` + ``journal...`` for the journal's indexes) and expire by themselves: journal
-    entries ``retention`` after their last change; the newest ``max_refusals`` refusals are
-    kept.
+    ``redis.Redis`` client (then its timeouts are yours to set; if it decodes responses, the
+    store talks through a twin that does not, since journal bodies are bytes). Keys are
+    ``prefix`` + ``{event key}`` (and ``prefix`` + ``journal...`` for the journal's indexes)
+    and expire by themselves: journal entries ``retention`` after their last change. The
+    newest ``max_refusals`` refusals are kept.
     """
 
     blocking = True
