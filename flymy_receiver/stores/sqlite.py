@@ -36,7 +36,6 @@ from .records import (
     NewEntry,
     Refusal,
     outcomes_from_json,
-    outcomes_to_json,
     to_datetime,
 )
 
@@ -100,7 +99,7 @@ CREATE TABLE IF NOT EXISTS flymy_refusals (
 #: looked at): a write never pays for a long backlog at once.
 _PURGE_EVERY = 50
 _PURGE_LIMIT = 200
-_PURGE_SCAN = 1000
+_PURGE_SCAN = 250
 
 _SELECT_ENTRIES = (
     "SELECT key, event, run_id, agent_id, agent_name, state, attempts, received_at, "
@@ -377,12 +376,12 @@ class SQLiteStore:
         ).fetchone()
         if row is None:
             return
-        merged = outcomes_from_json(row[0])
-        merged.update(outcomes)
+        merged = orjson.loads(row[0]) if row[0] else {}  # as stored: no objects to build
+        merged.update((name, outcome.to_dict()) for name, outcome in outcomes.items())
         db.execute(
             "UPDATE flymy_journal SET state = coalesce(?, state), handlers = ?, updated_at = ?, "
             "expires = ? + retention WHERE key = ?",
-            (state, outcomes_to_json(merged), now, now, key),
+            (state, orjson.dumps(merged), now, now, key),
         )
 
     # -- housekeeping -------------------------------------------------------------------
