@@ -320,7 +320,9 @@ class SQLiteStore:
         """Create the entry (``state`` or pending) or count one more attempt on it; an
         existing entry takes ``state`` when it is given."""
         expires = now + entry.retention
-        row = db.execute("SELECT expires FROM flymy_journal WHERE key = ?", (entry.key,)).fetchone()
+        row = db.execute(
+            "SELECT expires, id FROM flymy_journal WHERE key = ?", (entry.key,)
+        ).fetchone()
         if row is not None and row[0] > now:
             db.execute(
                 "UPDATE flymy_journal SET attempts = attempts + 1, updated_at = ?, retention = ?, "
