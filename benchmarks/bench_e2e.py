@@ -88,10 +88,10 @@ def _load_in_child(port: int, requests: list[bytes], deadline: float) -> Result:
 
 def measure(name: str, label: str, rounds: int, per_round: int, deadline: float) -> dict[str, Any]:
     """Median requests per second of both endpoints on one server."""
-    medians = compare(
+    samples = compare(
         SERVERS[name], ENV.get(name), (OURS, HAND), label, rounds, per_round, deadline
     )
-    ours, hand = medians[OURS], medians[HAND]
+    ours, hand = statistics.median(samples[OURS]), statistics.median(samples[HAND])
     return {"ours": ours, "hand": hand, "ratio": ours / hand}
 
 
@@ -103,8 +103,9 @@ def compare(
     rounds: int,
     per_round: int,
     deadline: float,
-) -> dict[str, float]:
-    """Median requests per second of two endpoints of one server, in alternating rounds."""
+) -> dict[str, list[float]]:
+    """Requests per second of two endpoints of one server, one sample per round each
+    (alternating rounds: round ``r`` of both endpoints ran back to back)."""
     port = free_port()
     signed = distinct_bodies(SIZES[label](), (rounds + 1) * per_round * 2)
     batches = [signed[i : i + per_round] for i in range(0, len(signed), per_round)]
@@ -123,7 +124,7 @@ def compare(
                     )
                 if r:
                     samples[path].append(answered / seconds)
-    return {path: statistics.median(values) for path, values in samples.items()}
+    return samples
 
 
 def main() -> None:
