@@ -105,18 +105,22 @@ def compare(
     deadline: float,
 ) -> dict[str, list[float]]:
     """Requests per second of two endpoints of one server, one sample per round each
-    (alternating rounds: round ``r`` of both endpoints ran back to back)."""
+    (alternating rounds: round ``r`` of both endpoints ran back to back). Also, under
+    ``"<path> cpu"``, the server's CPU microseconds per request in each round (Linux): what
+    a busy machine disturbs least."""
     port = free_port()
     signed = distinct_bodies(SIZES[label](), (rounds + 1) * per_round * 2)
     batches = [signed[i : i + per_round] for i in range(0, len(signed), per_round)]
-    samples: dict[str, list[float]] = {path: [] for path in paths}
-    with serve(_bind(argv, port), port, env=env, cwd=ROOT):
+    samples: dict[str, list[float]] = {key: [] for p in paths for key in (p, f"{p} cpu")}
+    with serve(_bind(argv, port), port, env=env, cwd=ROOT) as server:
         for r in range(rounds + 1):  # round 0 warms both endpoints up, and is not counted
             order = paths if r % 2 == 0 else paths[::-1]
             for i, path in enumerate(order):
                 batch = batches[2 * r + i]
                 requests = [raw_request(path, s) for s in batch]
+                cpu_before = _cpu_seconds(server.pid)
                 answered, seconds, unexpected = _load_in_child(port, requests, deadline)
+                cpu = _cpu_seconds(server.pid) - cpu_before
                 if unexpected or answered != len(requests):
                     raise RuntimeError(
                         f"{argv[2:4]} {path}: {answered}/{len(requests)} answered, "
@@ -124,7 +128,26 @@ def compare(
                     )
                 if r:
                     samples[path].append(answered / seconds)
+                    samples[f"{path} cpu"].append(cpu / answered * 1e6)
     return samples
+
+
+def _cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of every process in the process group ``group`` (the
+    server and its workers; 0.0 where /proc is not there)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == group:  # fields after "(comm)": state, ppid, pgrp, ...
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def main() -> None:

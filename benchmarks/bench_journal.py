@@ -99,12 +99,16 @@ def end_to_end(label: str, rounds: int, per_round: int) -> dict[str, float]:
         )
     on, off = samples[JOURNAL_ON], samples[JOURNAL_OFF]
     ratios = [a / b for a, b in zip(on, off, strict=True)]
+    cpu_on, cpu_off = samples[f"{JOURNAL_ON} cpu"], samples[f"{JOURNAL_OFF} cpu"]
     return {
         "on": statistics.median(on),
         "off": statistics.median(off),
         "ratio": statistics.median(ratios),
         "lowest": min(ratios),
         "highest": max(ratios),
+        "cpu on": statistics.median(cpu_on),
+        "cpu off": statistics.median(cpu_off),
+        "cpu ratio": statistics.median(b / a for a, b in zip(cpu_on, cpu_off, strict=True)),
     }
 
 
@@ -161,6 +165,10 @@ def main() -> None:
         print(
             f"| on / off, median of the rounds | {result['ratio']:.2f} "
             f"(rounds {result['lowest']:.2f} to {result['highest']:.2f}; target ≥ 0.85) |"
+        )
+        print(
+            f"| server CPU µs per request, on / off | {result['cpu on']:,.0f} / "
+            f"{result['cpu off']:,.0f}: capacity ratio {result['cpu ratio']:.2f} |"
         )
         pinned = ", server and load pinned to separate CPUs" if PIN else ""
         print(f"\n(e2e: {rounds} rounds x {per_round} per URL{pinned})")
