@@ -107,6 +107,20 @@ _SELECT_ENTRIES = (
     "FROM flymy_journal j JOIN flymy_journal_bodies b ON b.id = j.id "
 )
 
+# The claim's row and the entry's, in one read (either may be missing).
+_CLAIM_AND_ENTRY = (
+    "SELECT d.token, d.done, d.expires, j.expires, j.id FROM (SELECT ? AS key) AS k "
+    "LEFT JOIN flymy_deliveries d ON d.key = k.key LEFT JOIN flymy_journal j ON j.key = k.key"
+)
+# What completing needs: who holds the claim, and the live entry's outcomes.
+_COMPLETE_READ = (
+    "SELECT d.token, d.done, j.handlers FROM (SELECT ? AS key) AS k "
+    "LEFT JOIN flymy_deliveries d ON d.key = k.key "
+    "LEFT JOIN flymy_journal j ON j.key = k.key AND j.expires > ?"
+)
+#: Marks a row not read yet (``None`` is a row read and not found).
+_UNREAD: Any = object()
+
 # SQLite's primary result codes for a lock held elsewhere (the only errors worth a retry).
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 
@@ -162,21 +176,31 @@ class SQLiteStore:
         journal ``entry`` in the same transaction."""
         now = self._clock()
         with self._transaction() as db:
-            claim = self._claim(db, key, lease, now, force)
+            if entry is not None and entry.key == key:
+                # One read for both: the claim's row and the entry's.
+                token, done, until, expires, entry_id = db.execute(
+                    _CLAIM_AND_ENTRY, (key,)
+                ).fetchone()
+                held = (token, done, until) if until is not None else None
+                found = (expires, entry_id) if entry_id is not None else None
+            else:
+                held = db.execute(
+                    "SELECT token, done, expires FROM flymy_deliveries WHERE key = ?", (key,)
+                ).fetchone()
+                found = _UNREAD
+            claim = self._claim(db, key, lease, now, force, held)
             acquired = claim.state is ClaimState.ACQUIRED
             if entry is not None:
-                self._journal_delivery(db, entry, now, "pending" if acquired else None)
+                self._journal_delivery(db, entry, now, "pending" if acquired else None, found)
             elif replay and acquired:
                 self._journal_update(db, key, now, "pending")
             self._maybe_purge(db, now)
         return claim
 
+    @staticmethod
     def _claim(
-        self, db: sqlite3.Connection, key: str, lease: float, now: float, force: bool
+        db: sqlite3.Connection, key: str, lease: float, now: float, force: bool, row: Any
     ) -> Claim:
-        row = db.execute(
-            "SELECT token, done, expires FROM flymy_deliveries WHERE key = ?", (key,)
-        ).fetchone()
         if row is not None and row[2] > now:
             if row[1]:
                 if not force:
@@ -216,10 +240,8 @@ class SQLiteStore:
         """Remember ``key`` as done for ``ttl`` seconds, whoever holds the claim now."""
         now = self._clock()
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT token, done FROM flymy_deliveries WHERE key = ?", (key,)
-            ).fetchone()
-            if row is None or (row[0] != token and not row[1]):
+            held_by, done, handlers = db.execute(_COMPLETE_READ, (key, now)).fetchone()
+            if held_by is None or (held_by != token and not done):
                 _warn_lease_lost(key)
             db.execute(
                 "INSERT OR REPLACE INTO flymy_deliveries (key, token, done, expires) "
@@ -228,7 +250,7 @@ class SQLiteStore:
             )
             db.execute("DELETE FROM flymy_handlers WHERE key = ?", (key,))
             if outcomes is not None:
-                self._journal_update(db, key, now, "handled", outcomes)
+                self._journal_update(db, key, now, "handled", outcomes, handlers)
 
     def release(
         self, key: str, token: str, outcomes: Mapping[str, HandlerOutcome] | None = None
@@ -315,14 +337,21 @@ class SQLiteStore:
         ]
 
     def _journal_delivery(
-        self, db: sqlite3.Connection, entry: NewEntry, now: float, state: str | None
+        self,
+        db: sqlite3.Connection,
+        entry: NewEntry,
+        now: float,
+        state: str | None,
+        row: Any = _UNREAD,
     ) -> None:
         """Create the entry (``state`` or pending) or count one more attempt on it; an
-        existing entry takes ``state`` when it is given."""
+        existing entry takes ``state`` when it is given. ``row`` is the entry's expiry and
+        id as already read (``None``: there is none)."""
         expires = now + entry.retention
-        row = db.execute(
-            "SELECT expires, id FROM flymy_journal WHERE key = ?", (entry.key,)
-        ).fetchone()
+        if row is _UNREAD:
+            row = db.execute(
+                "SELECT expires, id FROM flymy_journal WHERE key = ?", (entry.key,)
+            ).fetchone()
         if row is not None and row[0] > now:
             db.execute(
                 "UPDATE flymy_journal SET attempts = attempts + 1, updated_at = ?, retention = ?, "
@@ -364,8 +393,10 @@ class SQLiteStore:
         now: float,
         state: str | None,
         outcomes: Mapping[str, HandlerOutcome] | None = None,
+        stored: Any = _UNREAD,
     ) -> None:
-        """Set the state and merge in handler outcomes; an entry gone or expired stays so."""
+        """Set the state and merge in handler outcomes; an entry gone or expired stays so.
+        ``stored`` is the entry's outcomes as already read (``None``: no live entry)."""
         if not outcomes:
             db.execute(
                 "UPDATE flymy_journal SET state = coalesce(?, state), updated_at = ?, "
@@ -373,12 +404,14 @@ class SQLiteStore:
                 (state, now, now, key, now),
             )
             return
-        row = db.execute(
-            "SELECT handlers FROM flymy_journal WHERE key = ? AND expires > ?", (key, now)
-        ).fetchone()
-        if row is None:
+        if stored is _UNREAD:
+            row = db.execute(
+                "SELECT handlers FROM flymy_journal WHERE key = ? AND expires > ?", (key, now)
+            ).fetchone()
+            stored = row[0] if row is not None else None
+        if stored is None:
             return
-        merged = orjson.loads(row[0]) if row[0] else {}  # as stored: no objects to build
+        merged = orjson.loads(stored) if stored else {}  # as stored: no objects to build
         merged.update((name, outcome.to_dict()) for name, outcome in outcomes.items())
         db.execute(
             "UPDATE flymy_journal SET state = coalesce(?, state), handlers = ?, updated_at = ?, "
