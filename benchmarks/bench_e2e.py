@@ -88,26 +88,66 @@ def _load_in_child(port: int, requests: list[bytes], deadline: float) -> Result:
 
 def measure(name: str, label: str, rounds: int, per_round: int, deadline: float) -> dict[str, Any]:
     """Median requests per second of both endpoints on one server."""
+    samples = compare(
+        SERVERS[name], ENV.get(name), (OURS, HAND), label, rounds, per_round, deadline
+    )
+    ours, hand = statistics.median(samples[OURS]), statistics.median(samples[HAND])
+    return {"ours": ours, "hand": hand, "ratio": ours / hand}
+
+
+def compare(
+    argv: list[str],
+    env: dict[str, str] | None,
+    paths: tuple[str, str],
+    label: str,
+    rounds: int,
+    per_round: int,
+    deadline: float,
+) -> dict[str, list[float]]:
+    """Requests per second of two endpoints of one server, one sample per round each
+    (alternating rounds: round ``r`` of both endpoints ran back to back). Also, under
+    ``"<path> cpu"``, the server's CPU microseconds per request in each round (Linux): what
+    a busy machine disturbs least."""
     port = free_port()
     signed = distinct_bodies(SIZES[label](), (rounds + 1) * per_round * 2)
     batches = [signed[i : i + per_round] for i in range(0, len(signed), per_round)]
-    samples: dict[str, list[float]] = {OURS: [], HAND: []}
-    with serve(_bind(SERVERS[name], port), port, env=ENV.get(name), cwd=ROOT):
+    samples: dict[str, list[float]] = {key: [] for p in paths for key in (p, f"{p} cpu")}
+    with serve(_bind(argv, port), port, env=env, cwd=ROOT) as server:
         for r in range(rounds + 1):  # round 0 warms both endpoints up, and is not counted
-            order = (OURS, HAND) if r % 2 == 0 else (HAND, OURS)
+            order = paths if r % 2 == 0 else paths[::-1]
             for i, path in enumerate(order):
                 batch = batches[2 * r + i]
                 requests = [raw_request(path, s) for s in batch]
+                cpu_before = _cpu_seconds(server.pid)
                 answered, seconds, unexpected = _load_in_child(port, requests, deadline)
+                cpu = _cpu_seconds(server.pid) - cpu_before
                 if unexpected or answered != len(requests):
                     raise RuntimeError(
-                        f"{name} {path}: {answered}/{len(requests)} answered, "
+                        f"{argv[2:4]} {path}: {answered}/{len(requests)} answered, "
                         f"unexpected statuses {sorted(set(unexpected))}"
                     )
                 if r:
                     samples[path].append(answered / seconds)
-    ours, hand = statistics.median(samples[OURS]), statistics.median(samples[HAND])
-    return {"ours": ours, "hand": hand, "ratio": ours / hand}
+                    samples[f"{path} cpu"].append(cpu / answered * 1e6)
+    return samples
+
+
+def _cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of every process in the process group ``group`` (the
+    server and its workers; 0.0 where /proc is not there)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == group:  # fields after "(comm)": state, ppid, pgrp, ...
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
 
 
 def main() -> None:

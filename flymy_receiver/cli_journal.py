@@ -14,11 +14,13 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from .stores.base import JournalStore, journals
 from .stores.records import ENTRY_STATES, JournalEntry
+from .stores.urls import redacted_url
 
 if TYPE_CHECKING:
     from .receiver import Receiver
@@ -88,13 +90,13 @@ def add_journal_command(commands: Any, store_help: str) -> None:
     p.add_argument("--agent-id", help="only this agent's runs")
     p.add_argument("--since", help="only entries received since: 2h, 3d, or an ISO time")
     p.add_argument("--limit", type=int, default=50, help="at most this many (50)")
-    p.set_defaults(run=_list)
+    p.set_defaults(run=_store_failures_in_one_line(_list))
 
     p = sub.add_parser("show", help="one delivery: outcomes, tracebacks, body")
     common(p)
     p.add_argument("target", metavar="RUN_ID_OR_KEY")
     p.add_argument("--body", action="store_true", help="print the exact body too")
-    p.set_defaults(run=_show)
+    p.set_defaults(run=_store_failures_in_one_line(_show))
 
     p = sub.add_parser("replay", help="run the handlers of entries that did not succeed")
     common(p, app_required=True)
@@ -106,7 +108,26 @@ def add_journal_command(commands: Any, store_help: str) -> None:
     p = sub.add_parser("refusals", help="refused deliveries, newest first (no bodies)")
     common(p)
     p.add_argument("--limit", type=int, default=50, help="at most this many (50)")
-    p.set_defaults(run=_refusals)
+    p.set_defaults(run=_store_failures_in_one_line(_refusals))
+
+
+def _store_failures_in_one_line(run: Callable[[argparse.Namespace], int]) -> Any:
+    """A store that cannot be reached is one line on stderr and exit 1, never a traceback."""
+
+    def guarded(args: argparse.Namespace) -> int:
+        from .errors import StoreUnavailable
+
+        try:
+            return run(args)
+        except StoreUnavailable as exc:
+            shown = redacted_url(args.store) if getattr(args, "store", None) else "the store"
+            print(
+                f"{_prog()}: error: {shown} failed: {printable(exc.detail or exc, 300)}",
+                file=sys.stderr,
+            )
+            return 1
+
+    return guarded
 
 
 def _missing_subcommand(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from tests.conftest import require
 
 BACKENDS = ["memory", "sqlite", "redis", "postgres", "django", "django-postgres"]
 #: The stores that keep the delivery journal too (tests/stores/test_journal_contract.py).
-JOURNAL_BACKENDS = ["memory", "postgres", "django", "django-postgres"]
+JOURNAL_BACKENDS = ["memory", "sqlite", "redis", "postgres", "django", "django-postgres"]
 
 
 class FakeClock:

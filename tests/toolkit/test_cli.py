@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -337,10 +338,9 @@ def _raw_post(port: int, path: str, headers: dict[str, str], data: bytes) -> int
     lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        try:
+        # A server that answered early (413) may close before taking it all.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # a server that answered early (413) may close before taking it all
         response = http.client.HTTPResponse(sock)
         response.begin()
         return response.status

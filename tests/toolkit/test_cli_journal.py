@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import free_port
 from tests.toolkit.cli_runner import cli
 
 # An app whose receiver already holds a journal when it is imported: two deliveries whose
@@ -123,7 +124,6 @@ def test_refusals_say_why(app_dir: Path) -> None:
         ["journal", "list", "--app", "journal_app:receiver", "--since", "yesterday"],
         ["journal", "list", "--app", "journal_app:receiver", "--limit", "0"],
         ["journal", "list", "--store", "nope://x"],
-        ["journal", "list", "--store", "redis://user:hunter2@127.0.0.1:1/0x"],
         ["journal", "replay", "--app", "journal_app:receiver"],
         ["journal", "replay", "run_bad1"],
     ],
@@ -133,3 +133,14 @@ def test_bad_usage_is_one_line_and_exit_2(app_dir: Path, args: list[str]) -> Non
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "hunter2" not in result.stderr
+
+
+def test_an_unreachable_store_is_one_line_and_exit_1(app_dir: Path) -> None:
+    port = free_port()  # nothing listens there
+    url = f"redis://user:hunter2@127.0.0.1:{port}/0"
+    for args in (["list"], ["show", "run_x"], ["refusals"]):
+        result = cli("journal", *args, "--store", url, cwd=app_dir)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "failed" in result.stderr
+        assert "hunter2" not in result.stderr

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from flymy_receiver.events import MAX_DEPTH
 from flymy_receiver import (
     OutputMismatch,
     Receiver,
@@ -20,6 +19,7 @@ from flymy_receiver import (
     UnknownEvent,
     sign,
 )
+from flymy_receiver.events import MAX_DEPTH
 from flymy_receiver.testing import (
     SignedRequest,
     adispatch,
