@@ -264,17 +264,22 @@ class Waiters:
             if not future.done():
                 future.set_result(event)
 
+        def expire() -> None:
+            if not future.done():
+                future.set_exception(
+                    TimeoutError(f"no webhook for run {run_id[:200]!r} within {timeout} s")
+                )
+
         waiter = _Waiter(loop, wake, (run_id,))
+        # A timer on the future itself: cheaper than asyncio.wait_for's wrapper, per waiter.
+        timer = None if limit is None else loop.call_later(limit, expire)
         self._register(waiter)
         try:
             self._check_inline(waiter)
-            try:
-                return await asyncio.wait_for(future, limit)
-            except asyncio.TimeoutError:
-                raise TimeoutError(
-                    f"no webhook for run {run_id[:200]!r} within {timeout} s"
-                ) from None
+            return await future
         finally:
+            if timer is not None:
+                timer.cancel()
             self._unregister(waiter)
 
     async def results(
