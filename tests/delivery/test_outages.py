@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from flymy_receiver.stores import RedisStore
 from flymy_receiver.testing import make_event, signed_request
 from tests.conftest import SECRET
 from tests.servers import PYTHON, ROOT, stop
-from tests.stores.redis_server import RedisServer
+from tests.stores.redis_server import RedisServer, running_redis
 
 
 def test_redis_killed_mid_traffic_and_restarted() -> None:
@@ -86,6 +87,60 @@ def test_redis_killed_mid_traffic_and_restarted() -> None:
         assert all(handled[run_id] == 2 for run_id in again)
     finally:
         server.stop()
+
+
+def test_a_claim_that_timed_out_on_a_stalled_redis_leaves_no_lock() -> None:
+    """Redis stalls (``DEBUG SLEEP 3``) past the client's 1 s timeout: the claim is answered
+    503, yet the server runs it when it wakes. The store gives that claim up, so the sender's
+    retry runs the handler instead of getting 409 for the whole five-minute lease."""
+    import redis
+
+    with running_redis("--enable-debug-command", "local") as server:
+        store = RedisStore(server.url)
+        receiver = Receiver(SECRET, store=store, lease=timedelta(minutes=5))
+        calls: list[str] = []
+        receiver.on("run.completed")(lambda event: calls.append(event.data.run_id))
+        warm = signed_request(make_event("run.completed", run_id="run_warm"), SECRET)
+        assert receiver.handle(warm.body, warm.headers).status == 200  # scripts loaded
+        calls.clear()
+        req = signed_request(make_event("run.completed", run_id="run_stalled"), SECRET)
+
+        sleeper = server.client()
+        stall = threading.Thread(target=sleeper.execute_command, args=("DEBUG", "SLEEP", "3"))
+        probe = redis.Redis.from_url(server.url, socket_timeout=0.2)
+        stall.start()
+        try:
+            for _ in range(50):  # until the server is seen stalled
+                try:
+                    probe.ping()
+                except redis.TimeoutError:
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("redis never stalled")
+            stalled = receiver.handle(req.body, req.headers)
+        finally:
+            stall.join(30)
+            sleeper.close()
+            probe.close()
+        assert stalled.status == 503
+        assert calls == []
+
+        statuses = []
+        deadline = time.monotonic() + 30  # far below the lease
+        while time.monotonic() < deadline:
+            response = receiver.handle(req.body, req.headers)
+            statuses.append(response.status)
+            if response.ok:
+                break
+            time.sleep(0.1)
+        assert statuses[-1] == 200, statuses
+        assert calls == ["run_stalled"]
+        entry = store.journal_get("run_stalled")
+        assert entry is not None
+        assert entry.state == "handled"
+        # The stalled claim did run on the server: it counted an attempt.
+        assert entry.attempts == len(statuses) + 1
 
 
 @pytest.mark.parametrize("store", ["sqlite", "redis"])

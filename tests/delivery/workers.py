@@ -1,4 +1,5 @@
-"""Code run in worker processes by the concurrency tests (importable, for ``spawn``).
+"""Code run in worker processes by the concurrency and journal tests (importable, for
+``spawn``).
 
 Each worker builds its own receiver on a shared store and delivers the same signed
 requests as the others, retrying every non-2xx like the platform; every handler run is
@@ -80,6 +81,57 @@ def hang_in_handler(store_url: str, request_file: str, started_file: str, lease:
     body = Path(request_file).read_bytes()
     signature = Path(request_file + ".sig").read_text()
     receiver.handle(body, {"X-FlyMyAI-Signature": signature})
+
+
+# -- the journal shared by several processes (tests/delivery/test_journal_shared.py) --------
+
+#: This process's ledger and whether its CRM is down (each process has its own).
+_SHARED = {"ledger": "", "broken": "no"}
+
+
+def save(event: Any) -> None:
+    """The handler that always works: a row saved."""
+    ledger_append(_SHARED["ledger"], f"save {event.data.run_id} {os.getpid()}")
+
+
+def notify(event: Any) -> None:
+    """The handler that fails while this process's CRM is down."""
+    if _SHARED["broken"] == "yes":
+        ledger_append(_SHARED["ledger"], f"notify-failed {event.data.run_id} {os.getpid()}")
+        raise RuntimeError("crm is down")
+    ledger_append(_SHARED["ledger"], f"notify {event.data.run_id} {os.getpid()}")
+
+
+def shared_receiver(store_url: str, ledger: str, *, broken: bool) -> Receiver:
+    """A receiver with ``save`` then ``notify``: the same handler ids in every process."""
+    _SHARED.update(ledger=ledger, broken="yes" if broken else "no")
+    receiver = Receiver(SECRET, store=store_from_url(store_url))
+    receiver.on("run.completed")(save)
+    receiver.on("run.completed")(notify)
+    return receiver
+
+
+def deliver_while_broken(
+    store_url: str, body: bytes, headers: dict[str, str], ledger: str, times: int
+) -> list[int]:
+    """The sender's attempts reaching a worker whose CRM is down; their statuses."""
+    receiver = shared_receiver(store_url, ledger, broken=True)
+    return [receiver.handle(body, headers).status for _ in range(times)]
+
+
+def exit_in_handler(store_url: str, body: bytes, headers: dict[str, str], ledger: str) -> None:
+    """Claim the event with a short lease, then die inside the handler (``os._exit``)."""
+    from datetime import timedelta
+
+    receiver = Receiver(SECRET, store=store_from_url(store_url), lease=timedelta(seconds=5))
+
+    @receiver.on("run.completed")
+    def dies(event: Any) -> None:
+        ledger_append(ledger, f"started {event.data.run_id} {os.getpid()}")
+        os._exit(3)  # no release, no finally: the worker is gone
+
+    receiver.handle(body, headers)
+    raise RuntimeError("the handler returned")
 
 
 if __name__ == "__main__":

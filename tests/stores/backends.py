@@ -18,7 +18,7 @@ from flymy_receiver.stores import MemoryStore, Store
 
 BACKENDS = ["memory", "sqlite", "redis"]
 #: The stores that keep the delivery journal too (tests/stores/test_journal_contract.py).
-JOURNAL_BACKENDS = ["memory"]
+JOURNAL_BACKENDS = ["memory", "sqlite", "redis"]
 
 
 class FakeClock:

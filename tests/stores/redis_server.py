@@ -33,8 +33,9 @@ def redis_binary() -> str:
 class RedisServer:
     """One redis-server process that can be killed and started again on the same port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.binary = redis_binary()
+        self.extra_args = list(extra_args)
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._running: contextlib.ExitStack | None = None
@@ -42,7 +43,7 @@ class RedisServer:
 
     def start(self) -> None:
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--save", "", "--appendonly", "no"]
+        argv += ["--save", "", "--appendonly", "no", *self.extra_args]
         stack = contextlib.ExitStack()
         self.proc = stack.enter_context(serve(argv, self.port, timeout=15))
         self._running = stack
@@ -67,9 +68,10 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def running_redis() -> Iterator[RedisServer]:
-    """A started server, stopped by PID when the block ends."""
-    server = RedisServer()
+def running_redis(*extra_args: str) -> Iterator[RedisServer]:
+    """A started server (``extra_args`` for redis-server), stopped by PID when the block
+    ends."""
+    server = RedisServer(extra_args=extra_args)
     server.start()
     try:
         yield server

@@ -281,3 +281,25 @@ def test_concurrent_deliveries_count_every_attempt(backend: Backend) -> None:
     entry = store.journal_get(key)
     assert entry is not None
     assert entry.attempts == 6
+
+
+def test_bodies_are_bytes_kept_exactly(backend: Backend) -> None:
+    store = _store(backend)
+    key = backend.key()
+    body = b'{"event": "run.completed"}\x00\xff\xfe\xc3'  # not UTF-8, with a NUL byte
+    store.claim(key, LEASE, _entry(key, body=body))
+    entry = store.journal_get(key)
+    assert entry is not None
+    assert entry.body == body
+    assert [e.body for e in store.journal_list() if e.key == key] == [body]
+
+
+def test_old_style_calls_leave_the_journal_alone(backend: Backend) -> None:
+    store = _store(backend)
+    key = backend.key()
+    claim = store.claim(key, LEASE)
+    store.mark_handler_done(key, claim.token, "app.h", TTL)
+    store.complete(key, claim.token, TTL)
+    assert store.journal_get(key) is None
+    assert key not in [e.key for e in store.journal_list()]
+    assert store.claim(key, LEASE).state is ClaimState.DONE

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timedelta, timezone
+
 import pytest
 
 from flymy_receiver.errors import StoreUnavailable
 from flymy_receiver.stores import ClaimState, RedisStore, store_from_url
+from flymy_receiver.stores.records import HandlerOutcome, NewEntry, Refusal
+from flymy_receiver.stores.redis import _PURGE_LIMIT
 from tests.servers import free_port
 from tests.stores.redis_server import RedisServer, running_redis
 
@@ -73,3 +78,117 @@ def test_store_from_url_and_repr_hide_the_password(redis_url: str) -> None:
     assert store.claim("k", 30).state is ClaimState.ACQUIRED
     secret_url = "redis://:hunter2-password@127.0.0.1:1/0"
     assert "hunter2" not in repr(store_from_url(secret_url))
+
+
+def _new_entry(key: str, body: bytes = b"{}", retention: float = 3600.0) -> NewEntry:
+    return NewEntry(key, "run.completed", "run_1", None, None, body, {}, retention)
+
+
+def test_a_client_that_decodes_responses_still_keeps_bodies_as_bytes(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(redis_server.client(decode_responses=True))
+    body = b'{"x": "\xff\xfe not UTF-8 \x00"}'
+    claim = store.claim("k", 30, _new_entry("k", body))
+    store.complete("k", claim.token, 60, {"app.h": HandlerOutcome(ok=True, at=1.5)})
+    entry = store.journal_get("k")
+    assert entry is not None
+    assert entry.body == body
+    assert entry.handlers["app.h"] == HandlerOutcome(ok=True, at=1.5)
+    assert [e.key for e in store.journal_list()] == ["k"]
+
+
+@pytest.mark.parametrize("key", ["run.completed:run_1", "run.completed:{braces}}{"])
+def test_an_events_keys_share_one_cluster_slot(
+    redis_server: RedisServer, redis_url: str, key: str
+) -> None:
+    from redis.crc import key_slot
+
+    store = RedisStore(redis_url, prefix="t:")
+    claim = store.claim(key, 30, _new_entry(key))
+    store.mark_handler_done(key, claim.token, "app.h", 60, HandlerOutcome(ok=True))
+    store.release(key, claim.token, {"app.h": HandlerOutcome(ok=True)})
+    raw = redis_server.client()
+    global_keys = {b"t:journal", b"t:journal:expiry", b"t:journal:run:run_1"}
+    event_keys = set(raw.keys("t:*")) - global_keys
+    assert len(event_keys) == 2  # the entry and the handlers done; the claim was released
+    assert len({key_slot(k) for k in event_keys}) == 1
+    assert set(raw.keys("t:*")) >= global_keys
+
+
+def test_a_claim_given_up_before_it_ran_takes_nothing(redis_url: str) -> None:
+    """After a timeout the give-up may reach the server before the claim it gives up."""
+    store = RedisStore(redis_url)
+    store._run(store._give_up, "k", ["token-1", 30_000])
+    late = store._claim_with("k", 30, "token-1", _new_entry("k"))
+    assert late[0] == b"busy"
+    claim = store.claim("k", 30, _new_entry("k"))
+    assert claim.state is ClaimState.ACQUIRED
+    entry = store.journal_get("k")
+    assert entry is not None
+    assert entry.attempts == 2  # the late claim was a delivery that arrived, all the same
+
+
+def test_a_claim_given_up_after_it_ran_is_released(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    ran = store._claim_with("k", 30, "token-1", _new_entry("k"))
+    assert ran[0] == b"acquired"
+    store._run(store._give_up, "k", ["token-1", 30_000])
+    assert store.claim("k", 30).state is ClaimState.ACQUIRED
+
+
+def test_the_same_claim_run_twice_is_acquired_and_counted_once(redis_url: str) -> None:
+    """A client that resends a claim (its connection broke before the reply) gets it."""
+    store = RedisStore(redis_url)
+    first = store._claim_with("k", 30, "token-1", _new_entry("k"))
+    again = store._claim_with("k", 30, "token-1", _new_entry("k"))
+    assert (first[0], again[0]) == (b"acquired", b"acquired")
+    entry = store.journal_get("k")
+    assert entry is not None
+    assert entry.attempts == 1
+    assert store.claim("k", 30, _new_entry("k")).state is ClaimState.BUSY  # another token
+    entry = store.journal_get("k")
+    assert entry is not None
+    assert entry.attempts == 2
+
+
+def test_expired_entries_leave_the_indexes_a_bounded_number_per_write(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(redis_url)
+    backlog = 3 * _PURGE_LIMIT
+    for i in range(backlog):
+        store.journal_ignore(_new_entry(f"old{i}", retention=0.2))
+    time.sleep(0.5)
+    raw = redis_server.client()
+    assert store.journal_get("old0") is None  # expired on the server
+    sizes = []
+    for i in range(5):
+        store.claim(f"new{i}", 30, _new_entry(f"new{i}"))
+        sizes.append(raw.zcard("flymy:journal:expiry"))
+    # Each write indexes itself and drops at most _PURGE_LIMIT expired entries.
+    assert sizes == [backlog + 1 - _PURGE_LIMIT, backlog + 2 - 2 * _PURGE_LIMIT, 3, 4, 5]
+    assert raw.zcard("flymy:journal") == 5
+    assert [e.key for e in store.journal_list()] == [f"new{i}" for i in range(4, -1, -1)]
+
+
+def test_reading_drops_expired_entries_from_the_list(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    store = RedisStore(redis_url)
+    for i in range(3):
+        store.journal_ignore(_new_entry(f"old{i}", retention=0.2))
+    time.sleep(0.5)
+    assert store.journal_list() == []
+    assert redis_server.client().zcard("flymy:journal") == 0
+
+
+def test_only_the_newest_refusals_are_kept(redis_server: RedisServer, redis_url: str) -> None:
+    store = RedisStore(redis_url, max_refusals=10)
+    start = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    for i in range(25):
+        store.record_refusal(Refusal(start + timedelta(seconds=i), 401, "bad", f"n{i}"))
+    kept = store.refusals(limit=100)
+    assert [r.detail for r in kept] == [f"n{i}" for i in range(24, 14, -1)]
+    assert kept[0].at == start + timedelta(seconds=24)
+    assert redis_server.client().llen("flymy:journal:refusals") == 10
