@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .events import RunCompleted, RunFailed, UnknownEvent
+from .events import Event
 from .stores.base import JournalStore, Store
 from .stores.memory import MemoryStore
 from .stores.records import JournalEntry
@@ -52,8 +52,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("flymy_receiver")
-
-AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
 
 #: Seconds ``wait_for`` and ``results`` wait unless told otherwise.
 DEFAULT_TIMEOUT = 600.0
@@ -198,7 +196,7 @@ class _Waiter:
     """One waiting call: its loop, what to do in that loop when a run resolves, its runs."""
 
     loop: asyncio.AbstractEventLoop
-    wake: Callable[[str, AnyEvent], None]
+    wake: Callable[[str, Event], None]
     run_ids: tuple[str, ...]
 
 
@@ -252,15 +250,15 @@ class Waiters:
 
     # -- waiting ----------------------------------------------------------------------
 
-    async def wait_for(self, run_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> AnyEvent:
+    async def wait_for(self, run_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> Event:
         """The event of ``run_id`` once its handlers finished; :class:`TimeoutError` after
         ``timeout`` seconds (``None``: no limit)."""
         run_id = _run_key(run_id)
         limit = _check_timeout(timeout)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[AnyEvent] = loop.create_future()
+        future: asyncio.Future[Event] = loop.create_future()
 
-        def wake(_run_id: str, event: AnyEvent) -> None:
+        def wake(_run_id: str, event: Event) -> None:
             if not future.done():
                 future.set_result(event)
 
@@ -284,7 +282,7 @@ class Waiters:
 
     async def results(
         self, run_ids: Iterable[str], timeout: float | None = DEFAULT_TIMEOUT
-    ) -> AsyncIterator[AnyEvent]:
+    ) -> AsyncIterator[Event]:
         """Each run's event once, in the order they resolve; ``timeout`` is an overall
         deadline, after which :class:`TimeoutError` says how many runs are missing."""
         ids = tuple(dict.fromkeys(_run_key(r) for r in run_ids))
@@ -293,7 +291,7 @@ class Waiters:
             return
         loop = asyncio.get_running_loop()
         deadline = None if limit is None else loop.time() + limit
-        queue: asyncio.Queue[tuple[str, AnyEvent]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[str, Event]] = asyncio.Queue()
         waiter = _Waiter(loop, lambda run_id, event: queue.put_nowait((run_id, event)), ids)
         self._register(waiter)
         try:
@@ -320,7 +318,7 @@ class Waiters:
 
     # -- the receiver's hook ----------------------------------------------------------
 
-    def delivered(self, run_id: str | None, event: AnyEvent) -> Callable[[], None] | None:
+    def delivered(self, run_id: str | None, event: Event) -> Callable[[], None] | None:
         """A delivery of ``event`` ended after its handlers ran (or none wanted it).
 
         Wakes this process's waiters for ``run_id`` now, and returns the blocking step that
@@ -371,7 +369,7 @@ class Waiters:
                         del self._by_run[run_id]
             self._count -= 1
 
-    def _notify(self, run_id: str, event: AnyEvent) -> None:
+    def _notify(self, run_id: str, event: Event) -> None:
         """Wake every waiter of ``run_id``, each in its own loop; forget them."""
         with self._lock:
             group = self._by_run.pop(run_id, None)
@@ -512,7 +510,7 @@ class Waiters:
         return found
 
 
-def _wake_all(waiters: list[_Waiter], run_id: str, event: AnyEvent) -> None:
+def _wake_all(waiters: list[_Waiter], run_id: str, event: Event) -> None:
     for waiter in waiters:
         waiter.wake(run_id, event)
 
