@@ -23,6 +23,7 @@ from typing import Any, NoReturn, Protocol
 from urllib.parse import urlsplit
 
 from . import __version__
+from .cli_journal import JournalUsageError, add_journal_command
 from .errors import ConfigurationError, InvalidSignature, MalformedEvent, WebhookError
 from .signature import (
     SECRET_ENV_VAR,
@@ -68,10 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("choose a command: sign, verify, send, listen or schema")
+            raise UsageError("choose a command: sign, verify, send, listen, journal or schema")
         code: int = args.run(args)
         return code
-    except UsageError as exc:
+    except (UsageError, JournalUsageError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -136,6 +137,8 @@ def _build_parser() -> _Parser:
         "--output", metavar="MODULE:MODEL", help="a pydantic model typing run.completed output"
     )
     p.set_defaults(run=_schema)
+
+    add_journal_command(commands, "store URL (sqlite:///file, redis://...)")
     return parser
 
 

@@ -116,8 +116,8 @@ class _Delivery:
     """An authentic, parsed event on its way to its handlers (or replayed from the journal).
 
     ``entry`` is what the journal records with the claim (``None`` when the journal is off
-    or for a replay); ``skip`` names handlers the journal already saw succeed. While a claim
-    is held, ``abandon`` gives it back if the delivery is cancelled mid-way.
+    or for a replay); ``skip`` names handlers the journal already saw succeed. ``held`` is
+    the token of the claim while this delivery holds it (given back if it is cancelled).
     """
 
     event: AnyEvent
@@ -128,7 +128,7 @@ class _Delivery:
     replay: bool = False
     force: bool = False
     skip: frozenset[str] = frozenset()
-    abandon: Callable[[], None] | None = None
+    held: str = ""
 
 
 @dataclass(slots=True)
@@ -227,6 +227,11 @@ class Receiver(Router):
         #: ``journal=False`` or the store keeps no journal.
         self.journal: Journal | None = None
         self._refusal_log: RefusalLog | None = None
+        # Shared, read-only: the headers an entry records, per secret that matched.
+        self._entry_headers = [
+            MappingProxyType({SIGNATURE_HEADER: f"valid (secret {i + 1} of {len(self._keys)})"})
+            for i in range(len(self._keys))
+        ]
         if journal and journals(self.store):
             journal_store = _as_journal_store(self.store)
             self._refusal_log = RefusalLog(journal_store)
@@ -273,9 +278,14 @@ class Receiver(Router):
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
+        offload_store = getattr(self.store, "blocking", True)
+        if not any(h.is_async for h in delivery.handlers) and (offload_store or delivery.handlers):
+            # Only blocking work: the whole plan in one worker-thread hop, not one per store
+            # call and handler. A cancelled caller stops waiting; the delivery still ends
+            # properly in its thread, so no claim is left behind.
+            return await asyncio.to_thread(self._run, delivery)
         plan = self._deliver(delivery)
         step = _advance(plan, None)
-        offload_store = getattr(self.store, "blocking", True)
         try:
             while not isinstance(step, Response):
                 try:
@@ -292,9 +302,9 @@ class Receiver(Router):
         except BaseException:
             # Cancelled (the client went away, a timeout): give the claim back now, so the
             # sender's retry is not refused for a whole lease. It cannot be awaited here.
-            abandon = delivery.abandon
-            if abandon is not None:
-                _in_background(abandon)
+            if delivery.held:
+                store, key, token = self.store, delivery.key, delivery.held
+                _in_background(lambda: store.release(key, token))
             raise
         return step
 
@@ -382,10 +392,7 @@ class Receiver(Router):
         else:
             agent_id, agent_name = event.data.agent_id, event.data.agent_name
         # What the receiver read; the signature itself is never kept (it is the expected one).
-        headers = {
-            SIGNATURE_HEADER: f"valid (secret {secret_index + 1} of {len(self._keys)})",
-            "Content-Length": str(len(body)),
-        }
+        headers = self._entry_headers[secret_index]
         return NewEntry(
             key=key,
             event=event.event,
@@ -462,8 +469,7 @@ class Receiver(Router):
             error = EventInFlight(f"key {d.key!r}")
             _log_refusal(error, d.event, level=logging.INFO)
             return _refusal(error, retry_after=min(claim.retry_after, 60.0))
-        token = claim.token
-        d.abandon = lambda: store.release(d.key, token)
+        token = d.held = claim.token
         outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
         for handler in d.handlers:
             if handler.id in claim.done_handlers or handler.id in d.skip:
@@ -481,7 +487,7 @@ class Receiver(Router):
                     yield _StoreCall(store.release, release_args)
                 except Exception as release_exc:  # the lease will expire on its own
                     logger.warning("could not release the claim on %s: %r", d.key, release_exc)
-                d.abandon = None
+                d.held = ""
                 return _refusal(HandlerFailed())
             outcome = HandlerOutcome(ok=True, at=time.time()) if outcomes is not None else None
             if outcomes is not None and outcome is not None:
@@ -501,7 +507,7 @@ class Receiver(Router):
             yield _StoreCall(store.complete, complete_args)
         except Exception as exc:
             return self._store_failed(exc, d, "record")
-        d.abandon = None
+        d.held = ""
         return _RECEIVED
 
     # -- pieces ---------------------------------------------------------------------------

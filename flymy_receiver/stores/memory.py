@@ -8,7 +8,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
 
 from .base import Claim, ClaimState
 from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal, to_datetime
@@ -48,8 +47,8 @@ class MemoryStore:
         self._clock = clock if clock is not None else time.monotonic
         # Journal times are shown to people, so they come from the wall clock.
         self._wall = clock if clock is not None else time.time
-        # key -> the entry's fields; insertion order is arrival order (oldest first).
-        self._journal: dict[str, dict[str, Any]] = {}
+        # key -> the entry; insertion order is arrival order (oldest first).
+        self._journal: dict[str, _Kept] = {}
         self._by_run: dict[str, str] = {}  # run id -> key of its newest entry
         self._refusals: deque[Refusal] = deque(maxlen=max_refusals)
         # Three plain dicts rather than one of record objects: a handled event is a str ->
@@ -182,10 +181,10 @@ class MemoryStore:
                 if len(found) >= limit:
                     break
                 if (
-                    (state is None or fields["state"] == state)
-                    and (event is None or fields["event"] == event)
-                    and (agent_id is None or fields["agent_id"] == agent_id)
-                    and (after is None or fields["received_at"] >= after)
+                    (state is None or fields.state == state)
+                    and (event is None or fields.new.event == event)
+                    and (agent_id is None or fields.new.agent_id == agent_id)
+                    and (after is None or fields.received_at >= after)
                 ):
                     found.append(_entry(fields))
         return found
@@ -204,31 +203,17 @@ class MemoryStore:
         now = self._wall()
         fields = self._journal.get(entry.key)
         if fields is None:
-            self._journal[entry.key] = {
-                "key": entry.key,
-                "event": entry.event,
-                "run_id": entry.run_id,
-                "agent_id": entry.agent_id,
-                "agent_name": entry.agent_name,
-                "state": state,
-                "attempts": 1,
-                "received_at": now,
-                "updated_at": now,
-                "body": entry.body,
-                "headers": dict(entry.headers),
-                "handlers": {},
-                "retention": entry.retention,
-            }
+            self._journal[entry.key] = _Kept(entry, state, now)
             if entry.run_id is not None:
                 self._by_run[entry.run_id] = entry.key
-            while len(self._journal) > self.max_journal:
+            if len(self._journal) > self.max_journal:
                 self._forget(next(iter(self._journal)))
             return
-        fields["attempts"] += 1
-        fields["updated_at"] = now
-        fields["retention"] = entry.retention
+        fields.attempts += 1
+        fields.updated_at = now
+        fields.new = entry  # the newest retention applies
         if acquired or state == "ignored":
-            fields["state"] = state
+            fields.state = state
 
     def _journal_update(
         self,
@@ -241,20 +226,20 @@ class MemoryStore:
         if fields is None:  # forgotten meanwhile (bounded journal): nothing to update
             return
         if state is not None:
-            fields["state"] = state
+            fields.state = state
         if outcomes:
-            fields["handlers"].update(outcomes)
-        fields["updated_at"] = self._wall()
+            fields.handlers.update(outcomes)
+        fields.updated_at = self._wall()
 
     def _expire_journal(self) -> None:
         now = self._wall()
-        gone = [k for k, f in self._journal.items() if f["updated_at"] + f["retention"] <= now]
+        gone = [k for k, f in self._journal.items() if f.updated_at + f.new.retention <= now]
         for key in gone:
             self._forget(key)
 
     def _forget(self, key: str) -> None:
         fields = self._journal.pop(key)
-        run_id = fields["run_id"]
+        run_id = fields.new.run_id
         if run_id is not None and self._by_run.get(run_id) == key:
             del self._by_run[run_id]
 
@@ -273,18 +258,32 @@ class MemoryStore:
             del self._claims[key]
 
 
-def _entry(fields: Mapping[str, Any]) -> JournalEntry:
+class _Kept:
+    """One journal entry as the memory store keeps it: what arrived, and what changed."""
+
+    __slots__ = ("attempts", "handlers", "new", "received_at", "state", "updated_at")
+
+    def __init__(self, new: NewEntry, state: str, now: float) -> None:
+        self.new = new
+        self.state = state
+        self.attempts = 1
+        self.received_at = self.updated_at = now
+        self.handlers: dict[str, HandlerOutcome] = {}
+
+
+def _entry(fields: _Kept) -> JournalEntry:
+    new = fields.new
     return JournalEntry(
-        key=fields["key"],
-        event=fields["event"],
-        run_id=fields["run_id"],
-        agent_id=fields["agent_id"],
-        agent_name=fields["agent_name"],
-        state=fields["state"],
-        attempts=fields["attempts"],
-        received_at=to_datetime(fields["received_at"]),
-        updated_at=to_datetime(fields["updated_at"]),
-        body=fields["body"],
-        headers=dict(fields["headers"]),
-        handlers=dict(fields["handlers"]),
+        key=new.key,
+        event=new.event,
+        run_id=new.run_id,
+        agent_id=new.agent_id,
+        agent_name=new.agent_name,
+        state=fields.state,
+        attempts=fields.attempts,
+        received_at=to_datetime(fields.received_at),
+        updated_at=to_datetime(fields.updated_at),
+        body=new.body,
+        headers=dict(new.headers),
+        handlers=dict(fields.handlers),
     )
