@@ -10,13 +10,14 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flymy_receiver import Receiver, RunCompleted, RunFailed
+from flymy_receiver.stores import JournalEntry, SQLiteStore
 from tests.awaiting.deliverer import open_store, write_requests
 from tests.awaiting.kit import signed
 from tests.conftest import SECRET
@@ -102,16 +103,36 @@ def test_another_process_received_before_anyone_waited(store_url: str, tmp_path:
     assert len(receiver.waiters) == 0
 
 
+class CountingSQLiteStore(SQLiteStore):
+    """Counts the journal queries the waiting side makes."""
+
+    batches = 0
+    largest = 0
+    single = 0
+
+    def journal_settled(self, run_ids: Sequence[str]) -> dict[str, JournalEntry]:
+        self.batches += 1
+        self.largest = max(self.largest, len(run_ids))
+        return super().journal_settled(run_ids)
+
+    def journal_get(self, key_or_run_id: str) -> JournalEntry | None:
+        self.single += 1
+        return super().journal_get(key_or_run_id)
+
+
 def test_many_waiters_one_listener_across_processes(store_url: str, tmp_path: Path) -> None:
-    receiver = Receiver(SECRET, store=open_store(store_url))
-    runs = [f"run_many_{i}" for i in range(300)]
+    counting = None
+    if store_url.startswith("sqlite:"):
+        counting = CountingSQLiteStore(store_url.removeprefix("sqlite:///"))
+    receiver = Receiver(SECRET, store=counting or open_store(store_url))
+    runs = [f"run_many_{i}" for i in range(1000)]
     requests = [signed(run_id=run) for run in runs]
 
     async def scenario() -> list[str]:
         calls = [asyncio.ensure_future(receiver.wait_for(run, timeout=120)) for run in runs]
         await until(lambda: subscribed(receiver))
         notifier = receiver.waiters.notifier
-        if notifier is not None:  # one pub/sub connection for all 300
+        if notifier is not None:  # one pub/sub connection for all of them
             channel = notifier.channel  # type: ignore[attr-defined]
             assert notifier.client.pubsub_numsub(channel)[0][1] == 1  # type: ignore[attr-defined]
         statuses = await asyncio.to_thread(other_process, store_url, requests, tmp_path / "r")
@@ -120,6 +141,11 @@ def test_many_waiters_one_listener_across_processes(store_url: str, tmp_path: Pa
 
     assert asyncio.run(scenario()) == runs
     assert len(receiver.waiters) == 0
+    if counting is not None:
+        # One poller, batched queries (each for every waited run): not one per waiter.
+        assert counting.single == 0
+        assert counting.largest <= 500
+        assert counting.batches < len(runs) // 10, counting.batches
 
 
 def test_a_timeout_across_processes_leaves_nothing(store_url: str) -> None:
