@@ -88,26 +88,42 @@ def _load_in_child(port: int, requests: list[bytes], deadline: float) -> Result:
 
 def measure(name: str, label: str, rounds: int, per_round: int, deadline: float) -> dict[str, Any]:
     """Median requests per second of both endpoints on one server."""
+    medians = compare(
+        SERVERS[name], ENV.get(name), (OURS, HAND), label, rounds, per_round, deadline
+    )
+    ours, hand = medians[OURS], medians[HAND]
+    return {"ours": ours, "hand": hand, "ratio": ours / hand}
+
+
+def compare(
+    argv: list[str],
+    env: dict[str, str] | None,
+    paths: tuple[str, str],
+    label: str,
+    rounds: int,
+    per_round: int,
+    deadline: float,
+) -> dict[str, float]:
+    """Median requests per second of two endpoints of one server, in alternating rounds."""
     port = free_port()
     signed = distinct_bodies(SIZES[label](), (rounds + 1) * per_round * 2)
     batches = [signed[i : i + per_round] for i in range(0, len(signed), per_round)]
-    samples: dict[str, list[float]] = {OURS: [], HAND: []}
-    with serve(_bind(SERVERS[name], port), port, env=ENV.get(name), cwd=ROOT):
+    samples: dict[str, list[float]] = {path: [] for path in paths}
+    with serve(_bind(argv, port), port, env=env, cwd=ROOT):
         for r in range(rounds + 1):  # round 0 warms both endpoints up, and is not counted
-            order = (OURS, HAND) if r % 2 == 0 else (HAND, OURS)
+            order = paths if r % 2 == 0 else paths[::-1]
             for i, path in enumerate(order):
                 batch = batches[2 * r + i]
                 requests = [raw_request(path, s) for s in batch]
                 answered, seconds, unexpected = _load_in_child(port, requests, deadline)
                 if unexpected or answered != len(requests):
                     raise RuntimeError(
-                        f"{name} {path}: {answered}/{len(requests)} answered, "
+                        f"{argv[2:4]} {path}: {answered}/{len(requests)} answered, "
                         f"unexpected statuses {sorted(set(unexpected))}"
                     )
                 if r:
                     samples[path].append(answered / seconds)
-    ours, hand = statistics.median(samples[OURS]), statistics.median(samples[HAND])
-    return {"ours": ours, "hand": hand, "ratio": ours / hand}
+    return {path: statistics.median(values) for path, values in samples.items()}
 
 
 def main() -> None:

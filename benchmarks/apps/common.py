@@ -9,14 +9,17 @@ from typing import Any
 
 from benchmarks.payloads import SECRET
 from flymy_receiver import Receiver, RunCompleted
+from flymy_receiver.stores import Store
 
 KEY = SECRET.encode()
 MAX_BODY_SIZE = int(os.environ.get("BENCH_MAX_BODY_SIZE", str(5 * 1024 * 1024)))
 
 
-def make_receiver(async_handler: bool = False) -> Receiver:
+def make_receiver(
+    async_handler: bool = False, *, store: Store | None = None, journal: bool = True
+) -> Receiver:
     """A receiver with one no-op ``run.completed`` handler (``BENCH_HANDLER`` overrides)."""
-    receiver = Receiver(secret=SECRET, max_body_size=MAX_BODY_SIZE)
+    receiver = Receiver(secret=SECRET, max_body_size=MAX_BODY_SIZE, store=store, journal=journal)
     async_handler = os.environ.get("BENCH_HANDLER", "async" if async_handler else "sync") == "async"
     if async_handler:
 

@@ -36,7 +36,6 @@ from .records import (
     NewEntry,
     Refusal,
     outcomes_from_json,
-    outcomes_to_json,
     to_datetime,
 )
 
@@ -60,7 +59,8 @@ CREATE TABLE IF NOT EXISTS flymy_handlers (
 CREATE INDEX IF NOT EXISTS flymy_deliveries_expires ON flymy_deliveries (expires);
 CREATE INDEX IF NOT EXISTS flymy_handlers_expires ON flymy_handlers (expires);
 CREATE TABLE IF NOT EXISTS flymy_journal (
-    key TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
     event TEXT NOT NULL,
     run_id TEXT,
     agent_id TEXT,
@@ -74,12 +74,9 @@ CREATE TABLE IF NOT EXISTS flymy_journal (
     headers BLOB NOT NULL,
     handlers BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS flymy_journal_received ON flymy_journal (received_at);
-CREATE INDEX IF NOT EXISTS flymy_journal_run ON flymy_journal (run_id, received_at);
-CREATE INDEX IF NOT EXISTS flymy_journal_state ON flymy_journal (state, received_at);
-CREATE INDEX IF NOT EXISTS flymy_journal_expires ON flymy_journal (expires);
+CREATE INDEX IF NOT EXISTS flymy_journal_run ON flymy_journal (run_id);
 CREATE TABLE IF NOT EXISTS flymy_journal_bodies (
-    key TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
     body BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS flymy_refusals (
@@ -90,18 +87,24 @@ CREATE TABLE IF NOT EXISTS flymy_refusals (
     detail TEXT NOT NULL
 );
 """
-# The body has a table of its own: SQLite rewrites a whole row on every update, and an
-# entry changes several times while its body never does.
+# What a journaled delivery writes is kept to few pages, since in WAL mode every page a
+# transaction changes is appended to the log (and that, not the statements, is what a
+# delivery's store calls cost): ``id`` is the arrival order, so listing needs no index of its
+# own; the body, written once, has a table of its own (SQLite rewrites a whole row, overflow
+# pages included, on every update); the state and the expiry have no index (lists filter as
+# they scan, the purge looks at the oldest rows only).
 
 #: Expired rows are deleted once per this many writes, in the same transaction, at most
-#: ``_PURGE_LIMIT`` per table each time: a write never pays for a long backlog at once.
+#: ``_PURGE_LIMIT`` per table each time (and the journal's oldest ``_PURGE_SCAN`` rows are
+#: looked at): a write never pays for a long backlog at once.
 _PURGE_EVERY = 50
 _PURGE_LIMIT = 200
+_PURGE_SCAN = 250
 
 _SELECT_ENTRIES = (
-    "SELECT j.key, event, run_id, agent_id, agent_name, state, attempts, received_at, "
+    "SELECT key, event, run_id, agent_id, agent_name, state, attempts, received_at, "
     "updated_at, body, headers, handlers "
-    "FROM flymy_journal j JOIN flymy_journal_bodies b ON b.key = j.key "
+    "FROM flymy_journal j JOIN flymy_journal_bodies b ON b.id = j.id "
 )
 
 # SQLite's primary result codes for a lock held elsewhere (the only errors worth a retry).
@@ -254,13 +257,12 @@ class SQLiteStore:
         now = self._clock()
         with self._reading() as db:
             row = db.execute(
-                _SELECT_ENTRIES + "WHERE j.key = ? AND expires > ?",
+                _SELECT_ENTRIES + "WHERE key = ? AND expires > ?",
                 (key_or_run_id, now),
             ).fetchone()
             if row is None:
                 row = db.execute(
-                    _SELECT_ENTRIES
-                    + "WHERE run_id = ? AND expires > ? ORDER BY received_at DESC LIMIT 1",
+                    _SELECT_ENTRIES + "WHERE run_id = ? AND expires > ? ORDER BY j.id DESC LIMIT 1",
                     (key_or_run_id, now),
                 ).fetchone()
         return _entry(row) if row is not None else None
@@ -302,7 +304,7 @@ class SQLiteStore:
         args.append(max(0, limit))
         with self._reading() as db:
             # Only the fixed conditions above are joined in; every value is a parameter.
-            query = f"WHERE {' AND '.join(where)} ORDER BY received_at DESC, j.rowid DESC LIMIT ?"
+            query = f"WHERE {' AND '.join(where)} ORDER BY j.id DESC LIMIT ?"
             rows = db.execute(_SELECT_ENTRIES + query, args).fetchall()
         return [_entry(row) for row in rows]
 
@@ -341,10 +343,12 @@ class SQLiteStore:
                 (now, entry.retention, expires, state, entry.key),
             )
             return
-        # New, or expired and not purged yet: a fresh entry either way.
-        db.execute(
-            "INSERT OR REPLACE INTO flymy_journal (key, event, run_id, agent_id, agent_name, "
-            "state, attempts, received_at, updated_at, retention, expires, headers, handlers) "
+        if row is not None:  # expired, not purged yet: a fresh entry, arrived now
+            db.execute("DELETE FROM flymy_journal_bodies WHERE id = ?", (row[1],))
+            db.execute("DELETE FROM flymy_journal WHERE id = ?", (row[1],))
+        cursor = db.execute(
+            "INSERT INTO flymy_journal (key, event, run_id, agent_id, agent_name, state, "
+            "attempts, received_at, updated_at, retention, expires, headers, handlers) "
             "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
             (
                 entry.key,
@@ -362,8 +366,8 @@ class SQLiteStore:
             ),
         )
         db.execute(
-            "INSERT OR REPLACE INTO flymy_journal_bodies (key, body) VALUES (?, ?)",
-            (entry.key, entry.body),
+            "INSERT INTO flymy_journal_bodies (id, body) VALUES (?, ?)",
+            (cursor.lastrowid, entry.body),
         )
 
     @staticmethod
@@ -387,25 +391,29 @@ class SQLiteStore:
         ).fetchone()
         if row is None:
             return
-        merged = outcomes_from_json(row[0])
-        merged.update(outcomes)
+        merged = orjson.loads(row[0]) if row[0] else {}  # as stored: no objects to build
+        merged.update((name, outcome.to_dict()) for name, outcome in outcomes.items())
         db.execute(
             "UPDATE flymy_journal SET state = coalesce(?, state), handlers = ?, updated_at = ?, "
             "expires = ? + retention WHERE key = ?",
-            (state, outcomes_to_json(merged), now, now, key),
+            (state, orjson.dumps(merged), now, now, key),
         )
 
     # -- housekeeping -------------------------------------------------------------------
 
     def purge(self) -> int:
-        """Delete every expired record now; returns how many rows went."""
-        gone = 0
-        while True:
-            with self._transaction() as db:
-                count = self._purge(db, self._clock())
-            gone += count
-            if count == 0:
-                return gone
+        """Delete every expired record now (one transaction); returns how many rows went."""
+        now = self._clock()
+        with self._transaction() as db:
+            gone = db.execute("DELETE FROM flymy_deliveries WHERE expires <= ?", (now,)).rowcount
+            gone += db.execute("DELETE FROM flymy_handlers WHERE expires <= ?", (now,)).rowcount
+            gone += db.execute(
+                "DELETE FROM flymy_journal_bodies WHERE id IN "
+                "(SELECT id FROM flymy_journal WHERE expires <= ?)",
+                (now,),
+            ).rowcount
+            db.execute("DELETE FROM flymy_journal WHERE expires <= ?", (now,))
+        return int(gone)
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
@@ -433,13 +441,15 @@ class SQLiteStore:
             "(SELECT rowid FROM flymy_handlers WHERE expires <= ? LIMIT ?)",
             args,
         ).rowcount
-        keys = db.execute(
-            "SELECT key FROM flymy_journal WHERE expires <= ? ORDER BY expires LIMIT ?", args
+        ids = db.execute(
+            "SELECT id FROM (SELECT id, expires FROM flymy_journal ORDER BY id LIMIT ?) "
+            "WHERE expires <= ? LIMIT ?",
+            (_PURGE_SCAN, now, _PURGE_LIMIT),
         ).fetchall()
-        if keys:
-            db.executemany("DELETE FROM flymy_journal_bodies WHERE key = ?", keys)
-            db.executemany("DELETE FROM flymy_journal WHERE key = ?", keys)
-            gone += len(keys)
+        if ids:
+            db.executemany("DELETE FROM flymy_journal_bodies WHERE id = ?", ids)
+            db.executemany("DELETE FROM flymy_journal WHERE id = ?", ids)
+            gone += len(ids)
         return int(gone)
 
     @contextmanager

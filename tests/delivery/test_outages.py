@@ -89,6 +89,54 @@ def test_redis_killed_mid_traffic_and_restarted() -> None:
         server.stop()
 
 
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_worker_killed_inside_its_handler(
+    store: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The dead worker's claim blocks the event (409) until its lease ends; then the
+    sender's retry runs the handler elsewhere."""
+    if store == "redis":
+        url = request.getfixturevalue("redis_url")
+    else:
+        url = f"sqlite:///{tmp_path}/deliveries.sqlite3"
+    lease = 4.0  # ample for the checks made while the dead worker still holds the claim
+    req = signed_request(make_event("run.completed", run_id="run_killed"), SECRET)
+    request_file, started = tmp_path / "request.json", tmp_path / "started.txt"
+    request_file.write_bytes(req.body)
+    Path(f"{request_file}.sig").write_text(req.headers["X-FlyMyAI-Signature"])
+    argv = [PYTHON, "-m", "tests.delivery.workers", url, str(request_file), str(started)]
+    worker = subprocess.Popen([*argv, str(lease)], cwd=ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert started.read_text().split() == ["run_killed"]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        stop(worker)
+
+    from flymy_receiver.stores import store_from_url
+
+    receiver = Receiver(SECRET, store=store_from_url(url))
+    calls: list[str] = []
+    receiver.on("run.completed")(lambda event: calls.append(event.data.run_id))
+    statuses = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        response = receiver.handle(req.body, req.headers)
+        statuses.append(response.status)
+        if response.ok:
+            break
+        assert 1 <= int(response.headers["Retry-After"]) <= lease + 1
+        time.sleep(0.2)
+    assert statuses[0] == 409  # the claim outlived its worker...
+    assert set(statuses[:-1]) == {409}
+    assert statuses[-1] == 200  # ...but not its lease
+    assert calls == ["run_killed"]
+    assert receiver.handle(req.body, req.headers).body == b'{"received":true,"duplicate":true}'
+
+
 def test_a_claim_that_timed_out_on_a_stalled_redis_leaves_no_lock() -> None:
     """Redis stalls (``DEBUG SLEEP 3``) past the client's 1 s timeout: the claim is answered
     503, yet the server runs it when it wakes. The store gives that claim up, so the sender's
@@ -141,51 +189,3 @@ def test_a_claim_that_timed_out_on_a_stalled_redis_leaves_no_lock() -> None:
         assert entry.state == "handled"
         # The stalled claim did run on the server: it counted an attempt.
         assert entry.attempts == len(statuses) + 1
-
-
-@pytest.mark.parametrize("store", ["sqlite", "redis"])
-def test_a_worker_killed_inside_its_handler(
-    store: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    """The dead worker's claim blocks the event (409) until its lease ends; then the
-    sender's retry runs the handler elsewhere."""
-    if store == "redis":
-        url = request.getfixturevalue("redis_url")
-    else:
-        url = f"sqlite:///{tmp_path}/deliveries.sqlite3"
-    lease = 4.0  # ample for the checks made while the dead worker still holds the claim
-    req = signed_request(make_event("run.completed", run_id="run_killed"), SECRET)
-    request_file, started = tmp_path / "request.json", tmp_path / "started.txt"
-    request_file.write_bytes(req.body)
-    Path(f"{request_file}.sig").write_text(req.headers["X-FlyMyAI-Signature"])
-    argv = [PYTHON, "-m", "tests.delivery.workers", url, str(request_file), str(started)]
-    worker = subprocess.Popen([*argv, str(lease)], cwd=ROOT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while not started.exists() and worker.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert started.read_text().split() == ["run_killed"]
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.wait(10)
-    finally:
-        stop(worker)
-
-    from flymy_receiver.stores import store_from_url
-
-    receiver = Receiver(SECRET, store=store_from_url(url))
-    calls: list[str] = []
-    receiver.on("run.completed")(lambda event: calls.append(event.data.run_id))
-    statuses = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        response = receiver.handle(req.body, req.headers)
-        statuses.append(response.status)
-        if response.ok:
-            break
-        assert 1 <= int(response.headers["Retry-After"]) <= lease + 1
-        time.sleep(0.2)
-    assert statuses[0] == 409  # the claim outlived its worker...
-    assert set(statuses[:-1]) == {409}
-    assert statuses[-1] == 200  # ...but not its lease
-    assert calls == ["run_killed"]
-    assert receiver.handle(req.body, req.headers).body == b'{"received":true,"duplicate":true}'
