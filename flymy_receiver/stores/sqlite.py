@@ -277,7 +277,7 @@ class SQLiteStore:
             # Only placeholders are joined in; every run id is a parameter.
             rows = db.execute(
                 _SELECT_ENTRIES + f"WHERE run_id IN ({marks}) AND state != 'pending' "
-                "AND expires > ? ORDER BY received_at, j.rowid",
+                "AND expires > ? ORDER BY j.id",
                 (*run_ids, self._clock()),
             ).fetchall()
         return {row[2]: _entry(row) for row in rows}  # oldest first: the newest is kept
