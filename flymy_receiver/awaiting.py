@@ -198,6 +198,8 @@ class _Waiter:
     loop: asyncio.AbstractEventLoop
     wake: Callable[[str, Event], None]
     run_ids: tuple[str, ...]
+    #: The registry's table it went into: a reset (after a fork) makes a new one.
+    table: dict[str, dict[_Waiter, None]] | None = None
 
 
 class Waiters:
@@ -328,7 +330,10 @@ class Waiters:
         if run_id is None:
             return None
         if self._by_run:
-            self._notify(run_id, event)
+            if self._pid != os.getpid():
+                self._reset()  # forked: those waiters are the parent's, their loops too
+            else:
+                self._notify(run_id, event)
         if self.notifier is None:
             return None
         return lambda: self._publish(run_id)
@@ -348,6 +353,7 @@ class Waiters:
         with self._lock:
             for run_id in waiter.run_ids:
                 self._by_run.setdefault(run_id, {})[waiter] = None
+            waiter.table = self._by_run
             self._count += 1
             if self._shared:
                 self._unchecked.update(waiter.run_ids)
@@ -361,12 +367,16 @@ class Waiters:
 
     def _unregister(self, waiter: _Waiter) -> None:
         with self._lock:
+            if waiter.table is not self._by_run:
+                return  # registered before a reset: already forgotten
+            waiter.table = None
             for run_id in waiter.run_ids:
                 group = self._by_run.get(run_id)
                 if group is not None:
                     group.pop(waiter, None)
                     if not group:
                         del self._by_run[run_id]
+                        self._unchecked.discard(run_id)  # nobody to look it up for
             self._count -= 1
 
     def _notify(self, run_id: str, event: Event) -> None:

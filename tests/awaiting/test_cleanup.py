@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import threading
+import traceback
 import tracemalloc
 from typing import Any
 
@@ -85,6 +87,57 @@ def test_a_waiter_whose_loop_is_gone_does_not_break_the_delivery() -> None:
     assert deliver(receiver, run_id="run_orphan")[0].status == 200
     assert receiver.waiters.runs == frozenset()  # the run was resolved and forgotten
     del call
+
+
+def _forked_child(receiver: Receiver) -> None:
+    # The parent's waiter is not this process's: nothing here may try to wake it.
+    assert deliver(receiver, run_id="run_parent")[0].status == 200
+    assert len(receiver.waiters) == 0
+
+    async def wait_here() -> str:
+        call = asyncio.ensure_future(receiver.wait_for("run_child", timeout=30))
+        await asyncio.sleep(0)
+        assert len(receiver.waiters) == 1
+        await asyncio.to_thread(deliver, receiver, run_id="run_child")
+        return str((await call).data.run_id)
+
+    assert asyncio.run(wait_here()) == "run_child"
+    assert len(receiver.waiters) == 0
+
+
+def _fork(receiver: Receiver) -> int:
+    """Run ``_forked_child`` in a forked process; its exit status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the test run
+        code = 1
+        try:
+            _forked_child(receiver)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX only")
+def test_a_forked_child_has_its_own_waiters() -> None:
+    receiver = Receiver(SECRET)
+
+    async def scenario() -> Any:
+        call = asyncio.ensure_future(receiver.wait_for("run_parent", timeout=60))
+        await asyncio.sleep(0)
+        # Forked from a worker thread, so that no event loop runs in the child's thread.
+        assert await asyncio.to_thread(_fork, receiver) == 0
+        await asyncio.sleep(0)
+        assert not call.done()
+        assert len(receiver.waiters) == 1
+        deliver(receiver, run_id="run_parent")
+        return await call
+
+    assert asyncio.run(scenario()).data.run_id == "run_parent"
+    assert len(receiver.waiters) == 0
 
 
 def test_ten_thousand_waiters_in_one_process() -> None:
