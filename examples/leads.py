@@ -7,7 +7,9 @@ Configured by environment only, so every web server runs it the same way:
 
 - ``FLYMY_WEBHOOK_SECRET`` the webhook secret (required).
 - ``FLYMY_STORE`` where handled events are remembered: ``memory://`` (default, one process),
-  ``sqlite:///deliveries.sqlite3`` (all workers of one machine) or ``redis://...``.
+  ``sqlite:///deliveries.sqlite3`` (all workers of one machine), ``redis://...`` or
+  ``postgresql://user:password@host:5432/dbname`` (many machines; the tables are created on
+  first use; ``pip install 'flymy-receiver[postgres]'``).
 - ``LEADS_DB`` the SQLite file the handlers write to (default ``leads.sqlite3``).
 - ``FLYMY_MAX_BODY_SIZE`` the largest body accepted, in bytes (default 5 MiB).
 """
@@ -23,7 +25,7 @@ from pydantic import BaseModel
 
 from flymy_receiver import Receiver, Router, RunCompleted, RunFailed
 from flymy_receiver.receiver import DEFAULT_MAX_BODY_SIZE
-from flymy_receiver.stores import store_from_url
+from flymy_receiver.stores import Store, store_from_url
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 log = logging.getLogger("leads")
@@ -92,10 +94,15 @@ def connect() -> sqlite3.Connection:
     return db
 
 
-def make_receiver() -> Receiver:
-    """The receiver every example app mounts; the secret comes from FLYMY_WEBHOOK_SECRET."""
+def make_receiver(store: Store | None = None) -> Receiver:
+    """The receiver every example app mounts; the secret comes from FLYMY_WEBHOOK_SECRET.
+
+    ``store`` defaults to the one ``FLYMY_STORE`` names (the Django example passes its own).
+    """
     receiver = Receiver(
-        store=store_from_url(os.environ.get("FLYMY_STORE", "memory://")),
+        store=store
+        if store is not None
+        else store_from_url(os.environ.get("FLYMY_STORE", "memory://")),
         max_body_size=int(os.environ.get("FLYMY_MAX_BODY_SIZE", DEFAULT_MAX_BODY_SIZE)),
     )
     receiver.include(router)

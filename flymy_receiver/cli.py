@@ -1,4 +1,4 @@
-"""The ``flymy-receiver`` command: sign, verify, send, listen and schema.
+"""The ``flymy-receiver`` command: sign, verify, send, listen, inspect and schema.
 
 Uses the library's own signing code, so what ``sign`` prints is what the receiver expects.
 Results go to stdout, errors to stderr as one line. Exit codes: 0 success, 1 a failed
@@ -8,6 +8,7 @@ verification or delivery, 2 bad usage (a missing secret, an unreadable file, a b
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import importlib
 import json
@@ -18,12 +19,11 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__
-from .cli_journal import JournalUsageError, add_journal_command
+from .cli_journal import JournalUsageError, add_journal_command, load_receiver, printable
 from .errors import ConfigurationError, InvalidSignature, MalformedEvent, WebhookError
 from .signature import (
     SECRET_ENV_VAR,
@@ -44,13 +44,6 @@ _MAX_COUNT = 100_000
 DEFAULT_MAX_AGE_S = timedelta(days=3).total_seconds()
 
 
-class BinaryReader(Protocol):
-    """What a chunked body is read from (a socket file)."""
-
-    def read(self, size: int = ..., /) -> bytes: ...
-    def readline(self, size: int = ..., /) -> bytes: ...
-
-
 class UsageError(Exception):
     """Bad usage: reported as one line, exit code 2."""
 
@@ -69,7 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("choose a command: sign, verify, send, listen, journal or schema")
+            raise UsageError(
+                "choose a command: sign, verify, send, listen, inspect, journal or schema"
+            )
         code: int = args.run(args)
         return code
     except (UsageError, JournalUsageError) as exc:
@@ -88,6 +83,10 @@ def _build_parser() -> _Parser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     secret_help = f"webhook secret (default: ${SECRET_ENV_VAR})"
+    access_help = (
+        "access token the inspector then requires; needed to bind a non-loopback address "
+        "(default: $FLYMY_INSPECTOR_TOKEN)"
+    )
 
     p = commands.add_parser("sign", help="print the signature header value for a body on stdin")
     p.add_argument("--secret", help=secret_help)
@@ -117,7 +116,9 @@ def _build_parser() -> _Parser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (30)")
     p.set_defaults(run=_send)
 
-    p = commands.add_parser("listen", help="run a development receiver that prints deliveries")
+    p = commands.add_parser(
+        "listen", help="run a development receiver that prints deliveries, with the inspector"
+    )
     p.add_argument("--port", type=int, required=True, help="port to listen on (0: any free)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     p.add_argument("--secret", action="append", help=secret_help + "; repeat it to rotate")
@@ -129,7 +130,19 @@ def _build_parser() -> _Parser:
         help="replay window on the event timestamp; 0 turns it off (3 days)",
     )
     p.add_argument("--store", help="idempotency store URL (memory://, sqlite:///file, redis://)")
+    p.add_argument(
+        "--path", default="/webhooks/flymy", help="the receiver's path (/webhooks/flymy)"
+    )
+    p.add_argument("--token", help=access_help)
     p.set_defaults(run=_listen)
+
+    p = commands.add_parser("inspect", help="serve the inspector over an existing journal")
+    p.add_argument("--store", help="the store URL (sqlite:///file, redis://...)")
+    p.add_argument("--app", metavar="MODULE:RECEIVER", help="the app's receiver, to replay")
+    p.add_argument("--port", type=int, default=8001, help="port to listen on (8001)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    p.add_argument("--token", help=access_help)
+    p.set_defaults(run=_inspect)
 
     p = commands.add_parser("schema", help="print the JSON Schema of every event")
     p.add_argument("--openapi", action="store_true", help="an OpenAPI 3.1 webhooks document")
@@ -313,145 +326,152 @@ def _one_line(raw: bytes, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-# -- listen -------------------------------------------------------------------------------
+# -- listen and inspect -------------------------------------------------------------------
 
 
 def _listen(args: argparse.Namespace) -> int:
-    from .receiver import Receiver
-    from .stores import MemoryStore, store_from_url
-
     keys = _keys(args.secret)
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
     if args.max_age < 0:
         raise UsageError("--max-age must be 0 (off) or positive")
-    try:
-        store = store_from_url(args.store) if args.store else MemoryStore()
-    except (ValueError, ImportError) as exc:
-        raise UsageError(f"--store: {exc}") from None
-    receiver = Receiver(
+    devserver = _devserver()
+    token = _token(args)
+    store = _store(args.store) if args.store else None
+    receiver = devserver.development_receiver(
         list(keys),
         store=store,
         max_age=timedelta(seconds=args.max_age) if args.max_age else None,
     )
-
-    # A catch-all handler, so that claims are recorded and duplicates answered as such.
-    @receiver.on("*")
-    def acknowledge(event: Any) -> None:
-        return None
-
-    # Each delivery is printed by the server below; the receiver's own refusal log lines
+    # Each delivery is printed by _print_delivery; the receiver's own refusal log lines
     # would repeat it.
     logging.getLogger("flymy_receiver").setLevel(logging.ERROR)
-    handler = type("Handler", (_ListenHandler,), {"receiver": receiver, "keys": keys})
     try:
-        server = ThreadingHTTPServer((args.host, args.port), handler)
+        app = devserver.development_app(
+            receiver, path=args.path, report=functools.partial(_print_delivery, keys), token=token
+        )
+    except ValueError as exc:
+        raise UsageError(f"--path: {exc}") from None
+
+    def ready(host: str, port: int) -> None:
+        root = f"http://{_url_host(host)}:{port}"
+        print(
+            f"listening on {root}{args.path} (the inspector at {root}/), "
+            f"{len(keys)} secret(s), Ctrl-C stops",
+            flush=True,
+        )
+
+    return _serve(devserver, app, args, token, ready)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise UsageError("--port must be between 0 and 65535")
+    if not args.store and not args.app:
+        raise UsageError("give --store URL, --app MODULE:RECEIVER, or both")
+    devserver = _devserver()
+    from .inspector import inspector_app, receiver_over
+    from .inspector.sources import redact_url
+    from .stores.base import journals
+
+    token = _token(args)
+    store = _store(args.store) if args.store else None
+    receiver = None
+    try:
+        if args.app:
+            receiver = load_receiver(args.app)
+            if store is not None:
+                receiver = receiver_over(receiver, store)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if receiver is not None and receiver.journal is None:
+        raise UsageError(f"the receiver {args.app} keeps no journal (journal=False, or its store)")
+    if receiver is None and store is not None and not journals(store):
+        raise UsageError(f"a {type(store).__name__} keeps no delivery journal")
+    label = f"store {redact_url(args.store)}" if args.store else f"app {args.app}"
+    if args.store and args.app:
+        label += f" with the handlers of {args.app}"
+    app = inspector_app(receiver, store=store, token=token, label=label)
+
+    def ready(host: str, port: int) -> None:
+        print(f"inspecting {label} at http://{_url_host(host)}:{port}/, Ctrl-C stops", flush=True)
+
+    return _serve(devserver, app, args, token, ready)
+
+
+def _devserver() -> Any:
+    try:
+        from . import devserver
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    return devserver
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    from .inspector.access import TOKEN_ENV_VAR, check_bind
+
+    token: str | None = args.token or os.environ.get(TOKEN_ENV_VAR) or None
+    try:
+        check_bind(args.host, token)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return token
+
+
+def _store(url: str) -> Any:
+    from .inspector.sources import scrub
+    from .stores import store_from_url
+
+    try:
+        return store_from_url(url)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(f"--store: {scrub(str(exc), url)}") from None
+
+
+def _serve(
+    devserver: Any, app: Any, args: argparse.Namespace, token: str | None, ready: Any
+) -> int:
+    try:
+        devserver.serve(app, args.host, args.port, token=token, ready=ready)
     except OSError as exc:
         print(
             f"{PROG}: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
             file=sys.stderr,
         )
         return 1
-    server.daemon_threads = True
-    port = server.server_address[1]
-    print(
-        f"listening on http://{args.host}:{port}/ (any path), {len(keys)} secret(s), Ctrl-C stops",
-        flush=True,
-    )
-    try:
-        server.serve_forever()
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
     return 0
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 _PRINT_LOCK = threading.Lock()
 
 
-class _ListenHandler(BaseHTTPRequestHandler):
-    """Hands each request to the receiver and prints what arrived and what it answered."""
+def _print_delivery(
+    keys: tuple[bytes, ...],
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    body: bytes | None,
+    status: int,
+    answer: bytes,
+) -> None:
+    """Print one request to ``listen``: what arrived, and what the receiver answered.
 
-    receiver: Any
-    keys: tuple[bytes, ...]
-    server_version = f"{PROG}/{__version__}"
-
-    def do_POST(self) -> None:
-        self._deliver()
-
-    do_GET = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_POST
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return None  # each delivery is printed by _deliver instead
-
-    def _deliver(self) -> None:
-        headers = list(self.headers.items())
-        receiver = self.receiver
-        lines: list[str] = []
-        response = receiver.precheck(headers, self.command)
-        if response is None:
-            body = self._read_body(receiver.max_body_size)
-            lines = _describe(body, headers, self.keys)
-            try:
-                response = receiver.handle(body, headers, self.command)
-            except Exception as exc:  # pragma: no cover - the receiver never raises
-                lines.append(f"  receiver error: {type(exc).__name__}")
-                response = _internal_error()
-        self._answer(response)
-        head = f"[{time.strftime('%H:%M:%S')}] {self.command} {self.path} -> {response.status}"
-        with _PRINT_LOCK:
-            print("\n".join([f"{head} {_one_line(response.body)}", *lines]), flush=True)
-
-    def _read_body(self, limit: int) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return _read_chunked(self.rfile, limit)
-        length = self.headers.get("Content-Length", "").strip()
-        if not (length.isdigit() and length.isascii()):
-            return b""
-        # precheck refused a declared length over the limit; read at most limit + 1.
-        return self.rfile.read(min(int(length[:20]), limit + 1))
-
-    def _answer(self, response: Any) -> None:
-        self.send_response(response.status)
-        for name, value in response.headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
-
-
-def _internal_error() -> Any:  # pragma: no cover - see above
-    from .receiver import Response
-
-    return Response(500, b'{"error":"Internal error"}')
-
-
-def _read_chunked(rfile: BinaryReader, limit: int) -> bytes:
-    """A chunked body, read until its end or one byte past ``limit``."""
-    chunks: list[bytes] = []
-    size = 0
-    for _ in range(1_000_000):  # bounded: a malicious sender cannot loop us forever
-        line = rfile.readline(1024)
-        try:
-            chunk_size = int(line.split(b";", 1)[0].strip() or b"x", 16)
-        except ValueError:
-            break
-        if chunk_size < 0:
-            break
-        if chunk_size == 0:
-            for _ in range(100):  # trailers, up to the blank line
-                if rfile.readline(1024) in (b"\r\n", b"\n", b""):
-                    break
-            break
-        wanted = min(chunk_size, limit + 1 - size)
-        chunks.append(rfile.read(wanted))
-        size += wanted
-        if size > limit:
-            break
-        rfile.readline(1024)  # the CRLF after the chunk
-    return b"".join(chunks)
+    ``body`` is ``None`` when the receiver refused before reading it (method, size,
+    encoding). Control characters from the request are printed escaped.
+    """
+    lines = _describe(body, headers, keys) if body is not None else []
+    head = f"[{time.strftime('%H:%M:%S')}] {method} {target} -> {status}"
+    text = "\n".join([f"{head} {_one_line(answer)}", *lines])
+    # Each line on its own: the newlines between lines are ours, any other is escaped.
+    safe = "\n".join(printable(line, limit=len(line)) for line in text.split("\n"))
+    with _PRINT_LOCK:
+        print(safe, flush=True)
 
 
 def _describe(body: bytes, headers: list[tuple[str, str]], keys: tuple[bytes, ...]) -> list[str]:
@@ -476,24 +496,30 @@ def _describe(body: bytes, headers: list[tuple[str, str]], keys: tuple[bytes, ..
         return [*lines, "  body: not a JSON object"]
     raw_data = obj.get("data")
     data: dict[str, Any] = raw_data if isinstance(raw_data, dict) else {}
-    agent = data.get("agent_name") or "-"
+    field = _printable_field
+    agent = field(data.get("agent_name") or "-")
     if data.get("agent_id") is not None:
-        agent += f" ({data.get('agent_id')})"
+        agent += f" ({field(data.get('agent_id'))})"
     lines.append(
-        f"  event: {obj.get('event')}  run: {data.get('run_id', '-')}  agent: {agent}"
-        f"  status: {data.get('status', '-')}  at: {obj.get('timestamp', '-')}"
+        f"  event: {field(obj.get('event'))}  run: {field(data.get('run_id', '-'))}  agent: {agent}"
+        f"  status: {field(data.get('status', '-'))}  at: {field(obj.get('timestamp', '-'))}"
     )
     if "output" in data:
         lines.append("  output: " + _show(data["output"]))
     if "error" in data:
         error = data["error"]
         if isinstance(error, dict) and "type" in error:
-            lines.append(f"  error: {error.get('type')}: {error.get('message', '')}")
+            lines.append(f"  error: {field(error.get('type'))}: {field(error.get('message', ''))}")
         else:
             lines.append("  error: " + _show(error))
     if obj.get("event") not in ("run.completed", "run.failed"):
         lines.append("  data: " + _show(data))
     return lines
+
+
+def _printable_field(value: Any) -> str:
+    """A payload value for one line of output: control characters, newlines too, escaped."""
+    return printable(value, limit=_SHOW_LIMIT)
 
 
 def _show(value: Any) -> str:

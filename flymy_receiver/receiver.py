@@ -29,6 +29,7 @@ import orjson
 from . import events as _events
 from .awaiting import DEFAULT_TIMEOUT, Waiters
 from .errors import (
+    ConfigurationError,
     EventInFlight,
     HandlerFailed,
     InvalidSignature,
@@ -50,7 +51,7 @@ from .signature import (
     normalize_secrets,
     signature_candidates,
 )
-from .stores.base import Claim, ClaimState, JournalStore, Store, journals
+from .stores.base import AtomicStore, Claim, ClaimState, JournalStore, Store, journals, runs_atomic
 from .stores.memory import MemoryStore
 from .stores.records import HandlerOutcome, JournalEntry, NewEntry
 
@@ -344,6 +345,15 @@ class Receiver(Router):
         values, _, _ = _read_headers(headers)
         return match_signature(body, signature_candidates(values), self._keys)
 
+    def _check(self, handler: Handler) -> None:
+        """Refuse ``atomic=True`` as soon as it is registered here when the store cannot."""
+        if handler.atomic and not runs_atomic(self.store):
+            raise ConfigurationError(
+                f"handler {handler.id}: atomic=True needs a store that runs a handler in one"
+                f" transaction with its record (DjangoStore); {type(self.store).__name__} cannot"
+            )
+        super()._check(handler)
+
     # -- the plan -----------------------------------------------------------------------
 
     def _accept(self, body: bytes, headers: Headers, method: str) -> _Delivery | Response:
@@ -474,9 +484,17 @@ class Receiver(Router):
         for handler in d.handlers:
             if handler.id in claim.done_handlers or handler.id in d.skip:
                 continue
+            recorded: HandlerOutcome | None = None
             try:
                 typed = handler.typed_event(d.event, d.raw)
-                yield _HandlerCall(handler, typed)
+                if handler.atomic:  # the handler and its record, in one transaction
+                    atomic_args = (d.key, token, handler.id, self._retention_s)
+                    call = _succeeded(handler, typed, journal)
+                    recorded = yield _StoreCall(
+                        _as_atomic_store(store).run_atomic, (*atomic_args, call)
+                    )
+                else:
+                    yield _HandlerCall(handler, typed)
             except Exception as exc:
                 self._log_handler_failure(handler, d, exc)
                 release_args: tuple[Any, ...] = (d.key, token)
@@ -489,10 +507,12 @@ class Receiver(Router):
                     logger.warning("could not release the claim on %s: %r", d.key, release_exc)
                 d.held = ""
                 return _refusal(HandlerFailed())
-            outcome = HandlerOutcome(ok=True, at=time.time()) if outcomes is not None else None
+            outcome = recorded
+            if outcome is None and outcomes is not None:
+                outcome = HandlerOutcome(ok=True, at=time.time())
             if outcomes is not None and outcome is not None:
                 outcomes[handler.id] = outcome
-            if len(d.handlers) > 1:
+            if len(d.handlers) > 1 and not handler.atomic:
                 mark_args: tuple[Any, ...] = (d.key, token, handler.id, self._retention_s)
                 if outcome is not None:
                     mark_args = (*mark_args, outcome)
@@ -683,6 +703,22 @@ class _Budget:
 def _as_journal_store(store: Store) -> JournalStore:
     """``store`` as a journaling store (checked by :func:`journals` before use)."""
     return store  # type: ignore[return-value]
+
+
+def _as_atomic_store(store: Store) -> AtomicStore:
+    """``store`` as one that runs atomic handlers (checked at registration)."""
+    return store  # type: ignore[return-value]
+
+
+def _succeeded(handler: Handler, event: Any, journal: bool) -> Callable[[], HandlerOutcome | None]:
+    """An atomic handler's call for :meth:`AtomicStore.run_atomic`: run it, then say how it
+    went (the outcome the journal records in the same transaction)."""
+
+    def call() -> HandlerOutcome | None:
+        handler.func(event)
+        return HandlerOutcome(ok=True, at=time.time()) if journal else None
+
+    return call
 
 
 def _failure(exc: BaseException) -> HandlerOutcome:

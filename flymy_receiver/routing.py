@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from .errors import ConfigurationError
 from .events import RunCompleted, UnknownEvent, describe_validation_error
 
 __all__ = ["CATCH_ALL", "Handler", "OutputMismatch", "Router"]
@@ -42,6 +43,7 @@ class Handler:
         "_resolved",
         "agent_id",
         "agent_name",
+        "atomic",
         "event",
         "func",
         "id",
@@ -57,8 +59,10 @@ class Handler:
         agent_name: str | None,
         output: type[Any] | None,
         id: str,
+        atomic: bool = False,
     ) -> None:
         self.func = func
+        self.atomic = atomic
         self.event = event
         self.agent_id = agent_id
         self.agent_name = agent_name
@@ -145,6 +149,7 @@ class Router:
         self._entries: list[Handler | Router] = []
         self._flat: list[Handler] = []
         self._flat_generation = -1
+        self._included_by: list[Router] = []
         for other in others:
             self.include(other)
 
@@ -155,12 +160,16 @@ class Router:
         agent_id: str | None = None,
         agent_name: str | None = None,
         output: type[Any] | None = None,
+        atomic: bool = False,
     ) -> Callable[[F], F]:
         """Register the decorated function for ``event`` (``"*"`` for every event).
 
         ``agent_id``/``agent_name`` restrict it to one agent's runs; ``output`` validates
         ``data.output`` of ``run.completed`` into that model (the same as annotating the
-        parameter as ``RunCompleted[Model]``). Returns the function unchanged.
+        parameter as ``RunCompleted[Model]``). ``atomic=True`` runs a sync handler in one
+        database transaction with the record that it succeeded (needs a store that can, such
+        as ``DjangoStore``; refused with ``ConfigurationError`` otherwise). Returns the
+        function unchanged.
         """
         if not isinstance(event, str) or not event:
             raise TypeError("event must be a non-empty event name, or '*'")
@@ -168,17 +177,18 @@ class Router:
         def register(func: F) -> F:
             if not callable(func):
                 raise TypeError("a handler must be callable")
-            _generation[0] += 1
-            self._entries.append(
-                Handler(
-                    func,
-                    event,
-                    agent_id=agent_id,
-                    agent_name=agent_name,
-                    output=output,
-                    id=self._handler_id(func, event),
-                )
+            handler = Handler(
+                func,
+                event,
+                agent_id=agent_id,
+                agent_name=agent_name,
+                output=output,
+                id=self._handler_id(func, event),
+                atomic=atomic,
             )
+            self._check(handler)
+            _generation[0] += 1
+            self._entries.append(handler)
             return func
 
         return register
@@ -187,8 +197,11 @@ class Router:
         """Add ``router``'s handlers (present and future) after the ones registered so far."""
         if router is self or self in router._walk_routers():
             raise ValueError("including this router would create a cycle")
+        for handler in router.handlers():
+            self._check(handler)
         _generation[0] += 1
         self._entries.append(router)
+        router._included_by.append(self)
 
     def handlers(self) -> Iterator[Handler]:
         """Every registered handler, in the order they run."""
@@ -231,6 +244,16 @@ class Router:
                 await result
             ran.append(handler.id)
         return ran
+
+    def _check(self, handler: Handler) -> None:
+        """Refuse a handler that this router, or one including it, cannot run as asked."""
+        if handler.atomic and handler.is_async:
+            raise ConfigurationError(
+                f"handler {handler.id}: atomic=True needs a sync handler (a database "
+                "transaction cannot span an await)"
+            )
+        for parent in self._included_by:
+            parent._check(handler)
 
     def _walk_routers(self) -> Iterator[Router]:
         for entry in self._entries:

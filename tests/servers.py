@@ -135,3 +135,17 @@ def uvicorn(app: str, port: int) -> list[str]:
     if app.startswith("django_project"):
         argv += ["--lifespan", "off"]  # Django does not speak the lifespan protocol
     return [*argv, app]
+
+
+def django_example_env(tmp: Path, env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` plus a fresh, migrated database for the Django example (``DJANGO_DB``)."""
+    full = {**env, "DJANGO_DB": str(tmp / "django.sqlite3")}
+    run_env = {**os.environ, **full, "PYTHONPATH": os.pathsep.join((str(ROOT), str(EXAMPLES)))}
+    subprocess.run(
+        [PYTHON, str(EXAMPLES / "django_project" / "manage.py"), "migrate", "--noinput", "-v0"],
+        env=run_env,
+        cwd=EXAMPLES,
+        check=True,
+        timeout=120,
+    )
+    return full

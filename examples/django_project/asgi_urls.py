@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from django.contrib import admin
 from django.urls import path
 
 from flymy_receiver.django import aview
 
 from .webhooks import receiver
 
-urlpatterns = [path("webhooks/flymy", aview(receiver))]
+urlpatterns = [path("webhooks/flymy", aview(receiver)), path("admin/", admin.site.urls)]

@@ -1,7 +1,8 @@
 """Idempotency stores: where the receiver remembers which events were handled.
 
 ``MemoryStore`` (the default) serves one process; ``SQLiteStore`` the worker processes of one
-machine; ``RedisStore`` many machines. All follow the contract in :mod:`.base`.
+machine; ``RedisStore`` and ``PostgresStore`` many machines. All follow the contract in
+:mod:`.base`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .memory import MemoryStore
 from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal
 
 if TYPE_CHECKING:
+    from .postgres import PostgresStore
     from .redis import RedisStore
     from .sqlite import SQLiteStore
 
@@ -24,6 +26,7 @@ __all__ = [
     "JournalStore",
     "MemoryStore",
     "NewEntry",
+    "PostgresStore",
     "RedisStore",
     "Refusal",
     "SQLiteStore",
@@ -33,7 +36,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use, so that the redis extra is only needed by those who use it.
+    # Imported on first use, so that the redis and postgres extras are only needed by those
+    # who use them.
     if name == "SQLiteStore":
         from .sqlite import SQLiteStore
 
@@ -42,6 +46,10 @@ def __getattr__(name: str) -> Any:
         from .redis import RedisStore
 
         return RedisStore
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -50,7 +58,8 @@ def store_from_url(url: str) -> Store:
 
     ``memory://`` -> :class:`MemoryStore`; ``sqlite:///relative/path.sqlite3`` or
     ``sqlite:////absolute/path.sqlite3`` -> :class:`SQLiteStore`; ``redis://...`` or
-    ``rediss://...`` -> :class:`RedisStore`.
+    ``rediss://...`` -> :class:`RedisStore`; ``postgresql://...`` or ``postgres://...``
+    -> :class:`PostgresStore` (the password, if any, is never shown).
     """
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -69,4 +78,10 @@ def store_from_url(url: str) -> Store:
         from .redis import RedisStore
 
         return RedisStore(url)
-    raise ValueError(f"unknown store scheme {scheme!r}: use memory://, sqlite:/// or redis://")
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PostgresStore
+
+        return PostgresStore(f"{scheme}://{rest}")  # libpq knows the scheme in lower case
+    raise ValueError(
+        f"unknown store scheme {scheme!r}: use memory://, sqlite:///, redis:// or postgresql://"
+    )

@@ -34,19 +34,25 @@ facts with the same calls, so that the entry changes in the same atomic step as 
   ``entry.retention`` seconds after their last change.
 - ``record_refusal`` keeps a refused delivery (no body); ``refusals`` lists the newest
   first. Stores keep a bounded number of refusals.
+
+A store that keeps its records in the application's own database (:class:`AtomicStore`)
+can run a handler registered with ``on(..., atomic=True)``: ``run_atomic`` calls it inside
+one database transaction together with the record that it succeeded (the same record as
+``mark_handler_done``, outcome included), so that the handler's writes and that record
+commit or roll back together. What the handler raises rolls both back and propagates.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal
 
-__all__ = ["Claim", "ClaimState", "JournalStore", "Store", "journals"]
+__all__ = ["AtomicStore", "Claim", "ClaimState", "JournalStore", "Store", "journals", "runs_atomic"]
 
 
 class ClaimState(enum.Enum):
@@ -146,6 +152,28 @@ class JournalStore(Store, Protocol):
         ...
 
 
+@runtime_checkable
+class AtomicStore(Store, Protocol):
+    """A store that can run a handler in one transaction with its record (see above)."""
+
+    def run_atomic(
+        self,
+        key: str,
+        token: str,
+        handler: str,
+        ttl: float,
+        call: Callable[[], HandlerOutcome | None],
+    ) -> HandlerOutcome | None:
+        """Run ``call`` and record ``handler`` as done for ``key`` (with the outcome ``call``
+        returns, if any) in one transaction; return that outcome."""
+        ...
+
+
 def journals(store: Store) -> bool:
     """Whether ``store`` keeps the delivery journal."""
     return callable(getattr(store, "journal_list", None))
+
+
+def runs_atomic(store: Store) -> bool:
+    """Whether ``store`` can run ``atomic=True`` handlers (:class:`AtomicStore`)."""
+    return callable(getattr(store, "run_atomic", None))

@@ -89,7 +89,7 @@ def test_redis_killed_mid_traffic_and_restarted() -> None:
         server.stop()
 
 
-@pytest.mark.parametrize("store", ["sqlite", "redis"])
+@pytest.mark.parametrize("store", ["sqlite", "redis", "postgres"])
 def test_a_worker_killed_inside_its_handler(
     store: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -97,6 +97,8 @@ def test_a_worker_killed_inside_its_handler(
     sender's retry runs the handler elsewhere."""
     if store == "redis":
         url = request.getfixturevalue("redis_url")
+    elif store == "postgres":
+        url = request.getfixturevalue("postgres_url")
     else:
         url = f"sqlite:///{tmp_path}/deliveries.sqlite3"
     lease = 4.0  # ample for the checks made while the dead worker still holds the claim

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import SECRET, require
-from tests.servers import EXAMPLES, free_port, gunicorn, serve, uvicorn
+from tests.servers import EXAMPLES, django_example_env, free_port, gunicorn, serve, uvicorn
 
 #: Small, so that the limit tests send little; every example event is far below it.
 MAX_BODY_SIZE = 64 * 1024
@@ -29,7 +29,11 @@ APPS: dict[str, tuple[str, str, str]] = {
     "starlette-uvicorn": ("starlette", "starlette_app:app", "uvicorn"),
     "fastapi-uvicorn": ("fastapi", "fastapi_app:app", "uvicorn"),
     "django-uvicorn": ("django", "django_project.asgi:application", "uvicorn"),
+    # The same Flask example with its idempotency store and journal in PostgreSQL.
+    "flask-gunicorn-postgres": ("flask", "flask_app:app", "gunicorn"),
 }
+#: The apps whose FLYMY_STORE is a fresh database on the throwaway PostgreSQL cluster.
+ON_POSTGRES = {"flask-gunicorn-postgres"}
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Server:
     port: int
     leads_db: Path
     proc: Any
+    env: dict[str, str]
 
     def rows(self, table: str, run_id: str) -> list[tuple[Any, ...]]:
         """The rows the handlers wrote for ``run_id`` (none if the table does not exist)."""
@@ -73,12 +78,18 @@ def server(
     require(kind)
     tmp = tmp_path_factory.mktemp(name)
     port = free_port()
+    # Shared by the gunicorn workers: a duplicate is caught whichever worker gets it.
+    store = f"sqlite:///{tmp / 'deliveries.sqlite3'}"
+    if name in ON_POSTGRES:
+        require("psycopg")
+        store = request.getfixturevalue("postgres_server").create_database()
     env = {
         "FLYMY_WEBHOOK_SECRET": SECRET,
-        # Shared by the gunicorn workers: a duplicate is caught whichever worker gets it.
-        "FLYMY_STORE": f"sqlite:///{tmp / 'deliveries.sqlite3'}",
+        "FLYMY_STORE": store,
         "LEADS_DB": str(tmp / "leads.sqlite3"),
         "FLYMY_MAX_BODY_SIZE": str(MAX_BODY_SIZE),
     }
+    if module == "django":  # its store is DjangoStore, in its own database
+        env = django_example_env(tmp, env)
     with serve(_argv(app, kind, port), port, env=env, cwd=EXAMPLES) as proc:
-        yield Server(name, port, tmp / "leads.sqlite3", proc)
+        yield Server(name, port, tmp / "leads.sqlite3", proc, env)

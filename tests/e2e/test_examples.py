@@ -152,3 +152,40 @@ def test_fastapi_keeps_its_own_routes(server: Server) -> None:
         assert (response.status, json.loads(response.read())) == (200, {"ok": True})
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("server", ["django-gunicorn", "django-uvicorn"], indirect=True)
+def test_the_django_example_journals_in_its_own_database(server: Server) -> None:
+    import os
+    import subprocess
+
+    from tests.servers import EXAMPLES, PYTHON, ROOT
+
+    event = make_event("run.completed")
+    request = signed_request(event, SECRET)
+    for _ in range(2):  # the second is a duplicate, answered from the shared DjangoStore
+        assert send(server, request.body, request.headers)[0] == 200
+    bad = signed_request(make_event("run.completed", output={"score": 3}), SECRET)
+    assert send(server, bad.body, bad.headers)[0] == 500
+    env = {**os.environ, **server.env, "PYTHONPATH": os.pathsep.join((str(ROOT), str(EXAMPLES)))}
+
+    def journal(*args: str) -> dict[str, object]:
+        manage = str(EXAMPLES / "django_project" / "manage.py")
+        out = subprocess.run(
+            [PYTHON, manage, "flymy_journal", *args, "--json"],
+            env=env,
+            cwd=EXAMPLES,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        data: dict[str, object] = json.loads(out.stdout)
+        return data
+
+    entry = journal("show", event.data.run_id)
+    assert (entry["state"], entry["attempts"]) == ("handled", 2)
+    failed = journal("show", bad.json()["data"]["run_id"])
+    assert failed["state"] == "failed"
+    [outcome] = failed["handlers"].values()  # type: ignore[attr-defined]
+    assert str(outcome["error"]).startswith("OutputMismatch: output of run")

@@ -1,7 +1,9 @@
-"""The three stores under test, each with a way to let time pass.
+"""The stores under test, each with a way to let time pass.
 
-MemoryStore and SQLiteStore take a clock, so time is simulated; RedisStore expires keys
-on the server, so its tests wait for real (leases there are a fraction of a second).
+MemoryStore, SQLiteStore and DjangoStore take a clock, so time is simulated; RedisStore
+expires keys on the server, and PostgresStore keeps time on the server's clock by default,
+so their tests wait for real (leases there are a fraction of a second). DjangoStore runs on
+SQLite (``django``) and on PostgreSQL (``django-postgres``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from flymy_receiver.stores import MemoryStore, Store
+from tests.conftest import require
 
-BACKENDS = ["memory", "sqlite", "redis"]
+BACKENDS = ["memory", "sqlite", "redis", "postgres", "django", "django-postgres"]
 #: The stores that keep the delivery journal too (tests/stores/test_journal_contract.py).
-JOURNAL_BACKENDS = ["memory", "sqlite", "redis"]
+JOURNAL_BACKENDS = ["memory", "sqlite", "redis", "postgres", "django", "django-postgres"]
 
 
 class FakeClock:
@@ -41,7 +44,7 @@ class Backend:
     name: str
     store: Store
     advance: Callable[[float], None]
-    extra: object = None  # the SQLite path or the Redis server
+    extra: object = None  # the SQLite path, the Redis server or the PostgreSQL server
 
     @staticmethod
     def key(label: str = "run.completed") -> str:
@@ -70,5 +73,40 @@ def make_backend(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> I
         # Redis keeps time itself: wait a little past the expiry asked for.
         yield Backend(name, store, lambda seconds: time.sleep(seconds + 0.05), server)
         store.client.close()
+    elif name == "postgres":
+        require("psycopg")
+        from flymy_receiver.stores import PostgresStore
+
+        server = request.getfixturevalue("postgres_server")
+        server.thaw()
+        server.start()  # a no-op unless an outage test left it stopped
+        # A fresh schema per test: its own tables, created by the store on first use.
+        store = PostgresStore(server.url, schema=f"t_{uuid.uuid4().hex[:16]}")
+        # The store keeps time on the server's clock: wait past the expiry asked for.
+        yield Backend(name, store, lambda seconds: time.sleep(seconds + 0.05), server)
+        store.close()
+    elif name in ("django", "django-postgres"):
+        yield from _django_backend(name, request)
     else:  # pragma: no cover
         raise ValueError(name)
+
+
+def _django_backend(name: str, request: pytest.FixtureRequest) -> Iterator[Backend]:
+    from tests.conftest import require
+
+    require("django")
+    from django.db import connections
+
+    from flymy_receiver.django import DjangoStore
+    from tests.django_db import empty, migrated, postgres_alias
+
+    if name == "django":
+        alias = migrated("default")
+    else:
+        require("psycopg")
+        alias = postgres_alias(request.getfixturevalue("postgres_server"))
+    connections[alias].close()  # a fresh connection: an earlier test may have broken it
+    empty(alias)
+    clock = FakeClock()
+    yield Backend(name, DjangoStore(using=alias, clock=clock), clock.advance, alias)
+    connections[alias].close()

@@ -1,4 +1,4 @@
-"""The store contract (flymy_receiver/stores/base.py), run against all three stores."""
+"""The store contract (flymy_receiver/stores/base.py), run against every store."""
 
 from __future__ import annotations
 

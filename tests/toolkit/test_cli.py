@@ -217,7 +217,9 @@ def test_listen_reads_a_chunked_body(listener: tuple[int, Any]) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         halves = iter([req.body[:40], req.body[40:]])
-        conn.request("POST", "/", body=halves, headers=req.headers, encode_chunked=True)
+        conn.request(
+            "POST", "/webhooks/flymy", body=halves, headers=req.headers, encode_chunked=True
+        )
         assert conn.getresponse().status == 200
     finally:
         conn.close()

@@ -11,7 +11,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import SECRET, require
-from tests.servers import EXAMPLES, free_port, gunicorn, serve, server_log, uvicorn
+from tests.servers import (
+    EXAMPLES,
+    django_example_env,
+    free_port,
+    gunicorn,
+    serve,
+    server_log,
+    uvicorn,
+)
 from tests.toolkit.cli_runner import cli
 
 pytestmark = pytest.mark.e2e
@@ -60,6 +68,8 @@ def test_send_to_each_example_app(name: str, tmp_path: Path) -> None:
         "FLYMY_STORE": f"sqlite:///{tmp_path / 'deliveries.sqlite3'}",
         "LEADS_DB": str(leads_db),
     }
+    if module == "django":  # its store is DjangoStore, in its own database
+        env = django_example_env(tmp_path, env)
     url = f"http://127.0.0.1:{port}/webhooks/flymy"
     with serve(_argv(app, kind, port), port, env=env, cwd=EXAMPLES) as proc:
         # The console script, with the secret from the environment as a deployer would.

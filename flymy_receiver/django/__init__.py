@@ -8,12 +8,20 @@ caps genuine large outputs nor turns the receiver's 413 into Django's 400: the r
 
 Under ASGI, Django's handler reads (and spools) a whole body before any view runs, so wrap
 the application in :class:`WebhookBodyLimit` to refuse an oversized delivery first.
+
+Both views manage their own transactions, so they are exempt from ``ATOMIC_REQUESTS``.
+
+The package is also a Django app (``INSTALLED_APPS += ["flymy_receiver.django"]``) that keeps
+claims and the delivery journal in the project's database (:class:`DjangoStore`), with an
+admin and ``manage.py flymy_journal``. Importing this module loads no model, so it works
+before the app registry is ready, and projects that do not install the app use the views
+as they are.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 try:
     from django.http import HttpRequest, HttpResponse
@@ -22,10 +30,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "flymy_receiver.django needs Django: pip install 'flymy-receiver[django]'"
     ) from exc
 
-from .bodies import read_limited
-from .receiver import READ_HEADERS, Receiver, Response
+from ..bodies import read_limited
+from ..receiver import READ_HEADERS, Receiver, Response
+from .registry import register
 
-__all__ = ["WebhookBodyLimit", "aview", "view"]
+if TYPE_CHECKING:
+    from .store import DjangoStore
+
+__all__ = ["DjangoStore", "WebhookBodyLimit", "aview", "register", "view"]
 
 _View = TypeVar("_View", bound=Callable[..., object])
 _Message = MutableMapping[str, Any]
@@ -45,7 +57,7 @@ def view(receiver: Receiver) -> Callable[[HttpRequest], HttpResponse]:
             response = receiver.handle(body, headers, request.method or "")
         return _to_django(response)
 
-    return _csrf_exempt(webhook)
+    return _non_atomic(_csrf_exempt(webhook))
 
 
 def aview(receiver: Receiver) -> Callable[[HttpRequest], Awaitable[HttpResponse]]:
@@ -60,7 +72,7 @@ def aview(receiver: Receiver) -> Callable[[HttpRequest], Awaitable[HttpResponse]
             response = await receiver.ahandle(body, headers, request.method or "")
         return _to_django(response)
 
-    return _csrf_exempt(webhook)
+    return _non_atomic(_csrf_exempt(webhook))
 
 
 def _reader(request: HttpRequest) -> Callable[[int], bytes]:
@@ -88,6 +100,17 @@ def _csrf_exempt(view: _View) -> _View:
     # What django.views.decorators.csrf.csrf_exempt sets, without a wrapper that would hide
     # the view's type (and, before Django 5, its async-ness).
     view.csrf_exempt = True  # type: ignore[attr-defined]
+    return view
+
+
+def _non_atomic(view: _View) -> _View:
+    # Under ATOMIC_REQUESTS the view would run inside one transaction: claims unseen by other
+    # workers until it commits, atomic=True handlers in a mere savepoint, and a handler's
+    # database error rolling back the journal's record of it. Exempt for every database.
+    from django.db import connections, transaction
+
+    for alias in connections:
+        view = transaction.non_atomic_requests(using=alias)(view)
     return view
 
 
@@ -132,3 +155,13 @@ class WebhookBodyLimit:
                 return message
 
         return await self.app(scope, bounded_receive, send)
+
+
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: the store's module is safe before the app registry is ready, and
+    # projects that only use the views never import it.
+    if name == "DjangoStore":
+        from .store import DjangoStore
+
+        return DjangoStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

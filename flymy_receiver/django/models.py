@@ -1,0 +1,104 @@
+"""What :class:`~flymy_receiver.django.DjangoStore` keeps in the project's database.
+
+Times the store compares are epoch seconds (``expires``), read from the store's clock, as in
+the other stores; times people read are datetimes. Nothing here is meant to be edited by
+hand: the admin shows the journal and refusals read-only.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from django.db import models
+
+__all__ = ["DeliveryClaim", "HandlerRecord", "JournalEntry", "Refusal"]
+
+#: Idempotency keys are at most 200 characters (longer ones become a digest). Text the
+#: sender chooses (run and agent ids, names) is kept to these lengths.
+KEY_LENGTH = 255
+TEXT_LENGTH = 200
+#: Handler ids are a module path and a qualified name.
+HANDLER_LENGTH = 500
+
+
+class DeliveryClaim(models.Model):
+    """One idempotency key: held (``token``) until ``expires``, or done until ``expires``."""
+
+    key = models.CharField(max_length=KEY_LENGTH, primary_key=True)
+    token = models.CharField(max_length=64, blank=True, default="")
+    done = models.BooleanField(default=False)
+    expires = models.FloatField(db_index=True)
+
+    class Meta:
+        verbose_name = "delivery claim"
+
+    def __str__(self) -> str:
+        return str(self.key)
+
+
+class HandlerRecord(models.Model):
+    """One handler that succeeded for a key (kept across a release, until ``expires``)."""
+
+    key = models.CharField(max_length=KEY_LENGTH)
+    handler = models.CharField(max_length=HANDLER_LENGTH)
+    expires = models.FloatField(db_index=True)
+
+    class Meta:
+        verbose_name = "handler record"
+        constraints: ClassVar[list[models.BaseConstraint]] = [
+            models.UniqueConstraint(fields=["key", "handler"], name="flymy_handler_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.handler}"
+
+
+class JournalEntry(models.Model):
+    """One authentic delivery with its exact body, and each handler's latest outcome."""
+
+    STATES: ClassVar[list[tuple[str, str]]] = [
+        ("pending", "pending"),
+        ("handled", "handled"),
+        ("failed", "failed"),
+        ("ignored", "ignored"),
+    ]
+
+    key = models.CharField(max_length=KEY_LENGTH, unique=True)
+    event = models.CharField(max_length=TEXT_LENGTH, db_index=True)
+    run_id = models.CharField(max_length=KEY_LENGTH, null=True, blank=True, db_index=True)
+    agent_id = models.CharField(max_length=TEXT_LENGTH, null=True, blank=True, db_index=True)
+    agent_name = models.CharField(max_length=TEXT_LENGTH, null=True, blank=True)
+    state = models.CharField(max_length=16, choices=STATES, db_index=True)
+    attempts = models.PositiveIntegerField(default=1)
+    received_at = models.DateTimeField(db_index=True)
+    updated_at = models.DateTimeField()
+    body = models.BinaryField()
+    headers = models.JSONField(default=dict)
+    #: handler id -> ``HandlerOutcome.to_dict()``
+    handlers = models.JSONField(default=dict)
+    retention = models.FloatField()
+    expires = models.FloatField(db_index=True)  # the last change plus ``retention``
+
+    class Meta:
+        verbose_name = "journal entry"
+        verbose_name_plural = "journal entries"
+        ordering: ClassVar[list[str]] = ["-received_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.event} {self.run_id or self.key}"
+
+
+class Refusal(models.Model):
+    """A refused delivery, without its body: why the platform got a 4xx."""
+
+    at = models.DateTimeField(db_index=True)
+    status = models.PositiveSmallIntegerField()
+    reason = models.CharField(max_length=100)
+    detail = models.CharField(max_length=500, blank=True, default="")
+
+    class Meta:
+        verbose_name = "refusal"
+        ordering: ClassVar[list[str]] = ["-at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"

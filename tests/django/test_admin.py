@@ -1,0 +1,220 @@
+"""The journal's admin pages, rendered by Django's test client."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from flymy_receiver import Receiver, RunCompleted
+from tests.conftest import SECRET
+from tests.django.conftest import request_for
+
+HOSTILE = "<script>alert('x')</script>\x1b[31m"
+
+
+def _admin_urls() -> type:
+    from django.contrib import admin
+    from django.urls import path
+
+    return type("Urls", (), {"urlpatterns": [path("admin/", admin.site.urls)]})
+
+
+@pytest.fixture
+def client(sqlite_alias: str) -> Iterator[Any]:
+    from django.contrib.auth.models import User
+    from django.test import Client, override_settings
+
+    User.objects.filter(username="ops").delete()
+    user = User.objects.create_superuser("ops", "ops@example.com", "pw-tests-only")
+    client = Client()
+    client.force_login(user)
+    with override_settings(ROOT_URLCONF=_admin_urls()):
+        yield client
+    user.delete()
+
+
+@pytest.fixture
+def deliveries(sqlite_alias: str) -> tuple[Receiver, list[bool]]:
+    """A handled, a failed and an ignored entry; ``broken[0] = False`` fixes the handler."""
+    from flymy_receiver.django import DjangoStore
+
+    receiver = Receiver(SECRET, store=DjangoStore())
+    broken = [True]
+
+    @receiver.on("run.completed")
+    def save(event: RunCompleted) -> None:
+        if broken[0] and event.data.agent_id == "agent_crm":
+            raise RuntimeError("crm is down")
+
+    assert receiver.handle(*request_for("run_failed_one", agent_id="agent_crm")).status == 500
+    body, headers = request_for("run_fine", agent_id="agent_other", output={"note": HOSTILE})
+    assert receiver.handle(body, headers).status == 200
+    from flymy_receiver.testing import make_event, signed_request
+
+    cancelled = signed_request(make_event("run.cancelled", run_id="run_cancelled"), SECRET)
+    assert receiver.handle(cancelled.body, cancelled.headers).status == 200
+    return receiver, broken
+
+
+CHANGELIST = "/admin/flymy_receiver/journalentry/"
+
+
+def _rows(page: bytes) -> list[str]:
+    """The run ids listed on a changelist page, in order."""
+    return re.findall(r'<th class="field-run_id"><a href="[^"]*">([^<]+)</a>', page.decode())
+
+
+def test_the_list_shows_every_entry_newest_first(client: Any, deliveries: Any) -> None:
+    response = client.get(CHANGELIST)
+    assert response.status_code == 200
+    assert _rows(response.content) == ["run_cancelled", "run_fine", "run_failed_one"]
+    text = response.content.decode()
+    for state in ("failed", "handled", "ignored"):
+        assert f'<td class="field-state">{state}</td>' in text
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("state__exact=failed", ["run_failed_one"]),
+        ("event=run.cancelled", ["run_cancelled"]),
+        ("agent_id=agent_other", ["run_fine"]),
+        ("q=run_fine", ["run_fine"]),
+        (
+            "received_at__gte=2000-01-01+00%3A00%3A00%2B00%3A00",
+            ["run_cancelled", "run_fine", "run_failed_one"],
+        ),
+        ("received_at__lt=2000-01-01+00%3A00%3A00%2B00%3A00", []),
+    ],
+)
+def test_filters_and_search(client: Any, deliveries: Any, query: str, expected: list[str]) -> None:
+    response = client.get(f"{CHANGELIST}?{query}")
+    assert response.status_code == 200
+    assert _rows(response.content) == expected
+
+
+def test_the_filters_are_offered(client: Any, deliveries: Any) -> None:
+    text = client.get(CHANGELIST).content.decode()
+    assert "?state__exact=failed" in text
+    assert "?event=run.cancelled" in text
+    assert "?agent_id=agent_crm" in text
+    assert "received_at__gte=" in text  # the date filter
+
+
+def test_the_detail_escapes_the_body_and_shows_each_outcome(client: Any, deliveries: Any) -> None:
+    from flymy_receiver.django.models import JournalEntry
+
+    fine = JournalEntry.objects.get(run_id="run_fine")
+    response = client.get(f"{CHANGELIST}{fine.pk}/change/")
+    assert response.status_code == 200
+    text = response.content.decode()
+    assert "&lt;script&gt;alert(" in text
+    assert "<script>alert(" not in text
+    assert "\x1b" not in text
+    assert "\\u001b[31m" in text  # the terminal escape shown as text
+    assert '"run_id": "run_fine"' in text.replace("&quot;", '"')  # pretty-printed
+    assert 'name="_save"' not in text  # read-only
+
+    failed = JournalEntry.objects.get(run_id="run_failed_one")
+    text = client.get(f"{CHANGELIST}{failed.pk}/change/").content.decode()
+    assert "RuntimeError: crm is down" in text
+    assert "Traceback (most recent call last)" in text
+    assert "failed" in text
+
+
+def test_without_a_receiver_the_pages_say_so_and_replay_refuses(
+    client: Any, deliveries: Any
+) -> None:
+    from flymy_receiver.django.models import JournalEntry
+
+    text = client.get(CHANGELIST).content.decode()
+    assert "No receiver is configured" in text
+    assert "FLYMY_RECEIVER" in text
+    failed = JournalEntry.objects.get(run_id="run_failed_one")
+    response = client.post(
+        CHANGELIST, {"action": "replay_selected", "_selected_action": [failed.pk]}, follow=True
+    )
+    assert "No receiver is configured" in response.content.decode()
+    failed.refresh_from_db()
+    assert failed.state == "failed"
+
+
+def test_replay_selected_runs_the_fixed_handler_and_the_state_turns_handled(
+    client: Any, deliveries: Any
+) -> None:
+    from flymy_receiver.django import register
+    from flymy_receiver.django.models import JournalEntry
+
+    receiver, broken = deliveries
+    register(receiver)
+    broken[0] = False  # the fix is deployed
+    failed = JournalEntry.objects.get(run_id="run_failed_one")
+    response = client.post(
+        CHANGELIST, {"action": "replay_selected", "_selected_action": [failed.pk]}, follow=True
+    )
+    assert response.status_code == 200
+    assert "Replayed: 1 handled." in response.content.decode()
+    failed.refresh_from_db()
+    assert failed.state == "handled"
+    assert failed.attempts == 1  # a replay is not a delivery
+    assert all(o["ok"] for o in failed.handlers.values())
+    assert "No receiver is configured" not in client.get(CHANGELIST).content.decode()
+
+
+#: What the FLYMY_RECEIVER setting names in the test below.
+configured: Receiver | None = None
+
+
+def test_the_setting_names_the_receiver(client: Any, deliveries: Any) -> None:
+    from django.test import override_settings
+
+    from flymy_receiver.django.models import JournalEntry
+
+    global configured
+    configured, broken = deliveries
+    broken[0] = False
+    failed = JournalEntry.objects.get(run_id="run_failed_one")
+    with override_settings(FLYMY_RECEIVER=f"{__name__}:configured"):
+        assert "No receiver is configured" not in client.get(CHANGELIST).content.decode()
+        response = client.post(
+            CHANGELIST, {"action": "replay_selected", "_selected_action": [failed.pk]}, follow=True
+        )
+    assert "Replayed: 1 handled." in response.content.decode()
+    with override_settings(FLYMY_RECEIVER="no.such.module:receiver"):
+        text = client.get(CHANGELIST).content.decode()
+    assert "cannot be imported" in text
+    configured = None
+
+
+def test_refusals_are_listed_read_only(client: Any, sqlite_alias: str) -> None:
+    from flymy_receiver.django import DjangoStore
+    from flymy_receiver.testing import make_event, wrong_secret_request
+
+    receiver = Receiver(SECRET, store=DjangoStore())
+    forged = wrong_secret_request(make_event("run.completed"))
+    assert receiver.handle(forged.body, forged.headers).status == 401
+    assert receiver.journal is not None
+    assert receiver.journal.refusals()  # waits for the background write
+    url = "/admin/flymy_receiver/refusal/"
+    text = client.get(url).content.decode()
+    assert "signature_mismatch" in text
+    assert "401" in text
+    assert SECRET not in text
+    assert client.get(f"{url}add/").status_code == 403
+    from flymy_receiver.django.models import Refusal
+
+    refusal = Refusal.objects.first()
+    assert refusal is not None
+    page = client.get(f"{url}{refusal.pk}/change/")
+    assert page.status_code == 200
+    assert 'name="_save"' not in page.content.decode()
+
+
+def test_the_list_and_its_actions_are_exempt_from_atomic_requests(client: Any) -> None:
+    # Replays commit their claims and records on their own, as deliveries do.
+    from django.urls import resolve
+
+    assert "default" in resolve(CHANGELIST).func._non_atomic_requests
