@@ -6,7 +6,7 @@ delivery to the waiter waking, beside the delivery's own time. Through SQLite it
 how long the waiter had waited before (the poller backs off), so it is measured after a
 short and after a long wait.
 
-    python -m benchmarks.bench_awaiting          # needs redis-server for the Redis rows
+    python -m benchmarks.bench_awaiting   # Redis and PostgreSQL rows need their servers
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def main() -> None:
 
         _measure("SQLite (polled)", sqlite_pair, 0.05, max(5, int(40 * scale)))
         _measure("SQLite (polled)", sqlite_pair, 3.0, max(3, int(8 * scale)))
+    _postgres(scale)
     binary = shutil.which("redis-server")
     if binary is None:
         print("(no redis-server: Redis rows skipped)")
@@ -109,6 +110,26 @@ def main() -> None:
 
         _measure("Redis (pub/sub)", redis_pair, 0.05, int(100 * scale))
         _measure("Redis (pub/sub)", redis_pair, 3.0, max(3, int(8 * scale)))
+
+
+def _postgres(scale: float) -> None:
+    try:
+        from flymy_receiver.stores import PostgresStore
+        from tests.postgres_server import postgres_bindir, running_postgres
+    except ImportError:
+        print("(no psycopg: PostgreSQL rows skipped)")
+        return
+    if postgres_bindir() is None:
+        print("(no PostgreSQL: its rows skipped)")
+        return
+    with running_postgres() as server:
+        url = server.create_database()
+
+        def postgres_pair() -> tuple[Receiver, Receiver]:
+            return _receiver(PostgresStore(url)), _receiver(PostgresStore(url))
+
+        _measure("PostgreSQL (LISTEN/NOTIFY)", postgres_pair, 0.05, int(100 * scale))
+        _measure("PostgreSQL (LISTEN/NOTIFY)", postgres_pair, 3.0, max(3, int(8 * scale)))
 
 
 if __name__ == "__main__":

@@ -1,19 +1,36 @@
-"""``SQLiteStore.journal_settled``: how the poller looks many waited runs up in one query."""
+"""``journal_settled`` of SQLite and PostgreSQL: many waited runs looked up in one query."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from flymy_receiver import Receiver
 from flymy_receiver.awaiting import SettledLookup
 from flymy_receiver.stores import NewEntry, SQLiteStore
 from tests.awaiting.kit import deliver
-from tests.conftest import SECRET
+from tests.conftest import SECRET, require
 
 
-def test_the_newest_settled_entry_of_each_run(tmp_path: Path) -> None:
-    store = SQLiteStore(tmp_path / "deliveries.sqlite3")
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    if request.param == "sqlite":
+        sqlite = SQLiteStore(tmp_path / "deliveries.sqlite3")
+        yield sqlite
+        sqlite.close()
+    else:
+        require("psycopg")
+        from flymy_receiver.stores import PostgresStore
+
+        postgres = PostgresStore(request.getfixturevalue("postgres_url"))
+        yield postgres
+        postgres.close()
+
+
+def test_the_newest_settled_entry_of_each_run(store: Any) -> None:
     assert isinstance(store, SettledLookup)
     receiver = Receiver(SECRET, store=store)
 
@@ -48,4 +65,3 @@ def test_the_newest_settled_entry_of_each_run(tmp_path: Path) -> None:
     assert store.journal_settled([]) == {}
     many = [f"run_absent_{i}" for i in range(499)] + ["run_done"]  # one query, 500 parameters
     assert list(store.journal_settled(many)) == ["run_done"]
-    store.close()

@@ -18,16 +18,21 @@ import pytest
 
 from flymy_receiver import Receiver, RunCompleted, RunFailed
 from flymy_receiver.stores import JournalEntry, SQLiteStore
+from flymy_receiver.stores.postgres import PostgresNotifier
 from tests.awaiting.deliverer import open_store, write_requests
 from tests.awaiting.kit import signed
-from tests.conftest import SECRET
+from tests.conftest import SECRET, require
 from tests.servers import ROOT
+from tests.stores.redis_server import RedisServer
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'deliveries.sqlite3'}"
+    elif request.param == "postgres":
+        require("psycopg")
+        yield request.getfixturevalue("postgres_url")  # a fresh database of its own
     else:
         # A prefix of its own: the awaiting channel is the prefix's, and the receivers of
         # earlier tests may still be subscribed to theirs.
@@ -51,15 +56,25 @@ def other_process(
     return [int(line) for line in result.stdout.split()]
 
 
-def subscribed(receiver: Receiver) -> bool:
-    """Whether the waiting receiver listens already (a Redis subscriber, or the poller)."""
+def listeners(receiver: Receiver, store_url: str) -> int:
+    """How many connections listen for announcements on the waiting receiver's channel
+    (Redis pub/sub, PostgreSQL LISTEN); for a polled store, 1 while its poller runs."""
     if not receiver.waiters.watching:
-        return False
+        return 0
     notifier = receiver.waiters.notifier
     if notifier is None:
-        return True
-    channel = notifier.channel  # type: ignore[attr-defined]
-    return bool(notifier.client.pubsub_numsub(channel)[0][1])  # type: ignore[attr-defined]
+        return 1
+    if store_url.startswith("redis"):
+        channel = notifier.channel  # type: ignore[attr-defined]
+        return int(notifier.client.pubsub_numsub(channel)[0][1])  # type: ignore[attr-defined]
+    import psycopg
+
+    with psycopg.connect(store_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND query LIKE 'LISTEN %'"
+        ).fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 async def until(condition: Any, limit: float = 30.0) -> None:
@@ -81,7 +96,7 @@ def test_wait_then_another_process_receives(store_url: str, tmp_path: Path) -> N
         waiting = asyncio.ensure_future(
             _collect(receiver.results(["run_p1", "run_p2", "run_p3"], timeout=60))
         )
-        await until(lambda: subscribed(receiver))
+        await until(lambda: listeners(receiver, store_url) > 0)
         statuses = await asyncio.to_thread(other_process, store_url, requests, tmp_path / "r")
         return statuses, await waiting
 
@@ -130,11 +145,10 @@ def test_many_waiters_one_listener_across_processes(store_url: str, tmp_path: Pa
 
     async def scenario() -> list[str]:
         calls = [asyncio.ensure_future(receiver.wait_for(run, timeout=120)) for run in runs]
-        await until(lambda: subscribed(receiver))
-        notifier = receiver.waiters.notifier
-        if notifier is not None:  # one pub/sub connection for all of them
-            channel = notifier.channel  # type: ignore[attr-defined]
-            assert notifier.client.pubsub_numsub(channel)[0][1] == 1  # type: ignore[attr-defined]
+        await until(lambda: listeners(receiver, store_url) > 0)
+        assert listeners(receiver, store_url) == 1  # one connection for all of them
+        if store_url.startswith("postgresql"):
+            assert isinstance(receiver.waiters.notifier, PostgresNotifier)  # not polling
         statuses = await asyncio.to_thread(other_process, store_url, requests, tmp_path / "r")
         assert statuses == [200] * len(runs)
         return [(await call).data.run_id for call in calls]
@@ -170,3 +184,41 @@ def _run(event: Any) -> str:
 
 async def _collect(results: Any) -> list[Any]:
     return [event async for event in results]
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+def test_the_listener_comes_back_after_the_server_restarts(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The subscription is lost with the server; once it is back the listener subscribes
+    again and reads every waited run, so a delivery made meanwhile is not missed."""
+    if kind == "redis":
+        server: Any = RedisServer()
+        server.start()
+        url = server.url
+        restart = server.kill, server.start
+    else:
+        require("psycopg")
+        server = request.getfixturevalue("postgres_server")
+        url = request.getfixturevalue("postgres_url")
+        restart = server.stop, server.start
+    try:
+        receiver = Receiver(SECRET, store=open_store(url))
+
+        async def scenario() -> Any:
+            before = asyncio.ensure_future(receiver.wait_for("run_across_restart", timeout=90))
+            await until(lambda: listeners(receiver, url) == 1)
+            await asyncio.to_thread(restart[0])  # the listening connection dies with it
+            await asyncio.to_thread(restart[1])
+            # Delivered as soon as the server is back, maybe before the listener is.
+            statuses = await asyncio.to_thread(
+                other_process, url, [signed(run_id="run_across_restart")], tmp_path / "r"
+            )
+            assert statuses == [200]
+            return await before
+
+        assert asyncio.run(scenario()).data.run_id == "run_across_restart"
+        assert len(receiver.waiters) == 0
+    finally:
+        if kind == "redis":
+            server.stop()

@@ -241,3 +241,33 @@ def test_redis_pub_sub_with_one_subscriber_connection(redis_server: RedisServer)
     assert got == ["run_redis_before"] + [f"run_redis_{i}" for i in range(100)]
     assert len(waiting.waiters) == 0
     client.close()
+
+
+class FakePubSub:
+    """What redis-py's PubSub.get_message returns, from a list."""
+
+    def __init__(self, messages: list[dict[str, Any]]) -> None:
+        self.messages = messages
+
+    def get_message(self, timeout: float = 0.0) -> dict[str, Any] | None:
+        return self.messages.pop(0) if self.messages else None
+
+
+def test_a_redis_subscription_that_reconnected_by_itself_asks_for_a_full_look() -> None:
+    from flymy_receiver.awaiting import _RedisSubscription
+
+    announced = _RedisSubscription(
+        FakePubSub(
+            [
+                {"type": "message", "data": b"run_1"},
+                {"type": "message", "data": "run_2"},  # a client that decodes
+            ]
+        )
+    )
+    assert announced.get(0.01) == ["run_1", "run_2"]
+    assert announced.get(0.01) == []
+    # redis-py reconnects and subscribes again on its own: its confirmation means a gap.
+    again = _RedisSubscription(
+        FakePubSub([{"type": "message", "data": b"run_3"}, {"type": "subscribe", "data": 1}])
+    )
+    assert again.get(0.01) is None
