@@ -147,6 +147,46 @@ def huge_string_output(size: int) -> dict[str, Any]:
     return {"report": "".join(paragraphs)[: size - 400]}
 
 
+@lru_cache(maxsize=8)
+def text_output(size: int) -> dict[str, Any]:
+    """What agents mostly return: a few small fields and one long markdown text field."""
+    rng = random.Random(5)
+    paragraphs = []
+    total = 0
+    while total < size - 600:
+        paragraph = _sentence(rng, 30) + "\n\n"
+        paragraphs.append(paragraph)
+        total += len(paragraph) + 2  # each newline is escaped in JSON
+    return {
+        "summary": _sentence(rng, 12),
+        "report": "".join(paragraphs),
+        "score": 0.9,
+        "sources": [{"url": "https://news.example/acme", "rank": 1}],
+    }
+
+
+@lru_cache(maxsize=8)
+def id_records_output(size: int) -> dict[str, Any]:
+    """Records whose ids and URLs hold 19-digit (snowflake) ids, as strings: the body that
+    used to fall back to the standard library parser."""
+    rng = random.Random(9)
+    output: dict[str, Any] = {"items": []}
+    total = 0
+    while total < size - 400:
+        status = rng.randrange(10**18, 9 * 10**18)
+        record = {
+            "id": str(status),
+            "url": f"https://social.example/status/{status}",
+            "author": f"https://social.example/u/{rng.randrange(10**18, 9 * 10**18)}",
+            "text": _sentence(rng, 12),
+            "likes": rng.randint(0, 10_000),
+            "score": round(rng.random(), 4),
+        }
+        output["items"].append(record)
+        total += len(orjson.dumps(record)) + 1
+    return output
+
+
 def envelope(output: Any, run_id: str | None = None) -> dict[str, Any]:
     return {
         "event": "run.completed",
@@ -194,10 +234,12 @@ def distinct_bodies(output: Any, count: int) -> list[Signed]:
     return bodies
 
 
-#: The sizes the issue asks for: label -> output factory.
+#: The bodies the issues ask for: label -> output factory.
 SIZES: dict[str, Any] = {
     "1 KB": small_output,
     "100 KB": lambda: realistic_output(100 * KB),
+    "100 KB text": lambda: text_output(100 * KB),
+    "100 KB id records": lambda: id_records_output(100 * KB),
     "1 MB": lambda: realistic_output(1 * MB),
     "1 MB string": lambda: huge_string_output(1 * MB),
 }

@@ -41,6 +41,7 @@ from .errors import (
     WebhookError,
 )
 from .events import RunCompleted, RunFailed, UnknownEvent
+from .headers import READ_HEADERS, Headers, read_headers
 from .journal import DEFAULT_JOURNAL_RETENTION, Journal, RefusalLog
 from .routing import Handler, OutputMismatch, Router, run_coroutine
 from .signature import (
@@ -67,17 +68,12 @@ DEFAULT_MAX_AGE = timedelta(days=3)
 DEFAULT_MAX_CLOCK_SKEW = timedelta(minutes=5)
 DEFAULT_LEASE = timedelta(minutes=5)
 
-Headers = Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]
 AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
 
 # Read-only: the common responses below share it.
 _JSON: Mapping[str, str] = MappingProxyType({"Content-Type": "application/json"})
 #: Longer idempotency keys are replaced by a digest of themselves.
 _MAX_KEY_LENGTH = 200
-#: Every request header the receiver reads. An adapter whose framework looks headers up
-#: case-insensitively may pass only these: iterating all of a WSGI environ's headers cost
-#: more than verifying a 1 KB body.
-READ_HEADERS = (SIGNATURE_HEADER, "Content-Encoding", "Content-Length")
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +338,7 @@ class Receiver(Router):
 
         Raises :class:`~flymy_receiver.errors.InvalidSignature`.
         """
-        values, _, _ = _read_headers(headers)
+        values, _, _ = read_headers(headers)
         return match_signature(body, signature_candidates(values), self._keys)
 
     def _check(self, handler: Handler) -> None:
@@ -427,11 +423,12 @@ class Receiver(Router):
         )
         return self._run(delivery)
 
-    def _check_request(self, headers: Headers, method: str) -> list[str | bytes]:
+    def _check_request(self, headers: Headers, method: str) -> list[Any]:
         """Method, encoding and declared length; returns the signature header lines."""
-        if method.upper() != "POST":
-            raise MethodNotAllowed(f"method {method[:16]!r}")
-        signatures, encoding, length = _read_headers(headers)
+        if not isinstance(method, str) or method.upper() != "POST":
+            shown = method[:16] if isinstance(method, str) else type(method).__name__
+            raise MethodNotAllowed(f"method {shown!r}")
+        signatures, encoding, length = read_headers(headers)
         if encoding:
             raise UnsupportedEncoding(f"content-encoding {encoding[:32]!r}")
         if length is not None and length > self.max_body_size:
@@ -604,46 +601,6 @@ class Receiver(Router):
             exc_info=exc,
             extra=extra,
         )
-
-
-def _read_headers(headers: Headers) -> tuple[list[str | bytes], str, int | None]:
-    """The signature lines, the content encoding (``""`` for identity) and the length."""
-    signatures: list[str | bytes] = []
-    encoding = ""
-    length: int | None = None
-    items = headers.items() if isinstance(headers, Mapping) else headers
-    for name, value in items:
-        kind = _HEADER_KINDS.get(name)
-        if kind is None:
-            kind = _HEADER_KINDS.get(name.lower())  # bytes: ASCII only, as latin-1 names
-            if kind is None:
-                continue
-        if kind is _SIGNATURE:
-            signatures.append(value)
-        elif kind is _ENCODING:
-            text = value.decode("latin-1") if isinstance(value, bytes) else value
-            text = text.strip().lower()
-            if text not in ("", "identity"):
-                encoding = text
-        else:
-            text = value.decode("latin-1") if isinstance(value, bytes) else value
-            text = text.strip()
-            if text.isdigit() and text.isascii():
-                length = int(text[:20])
-    return signatures, encoding, length
-
-
-# Header name -> what it is, for str and bytes names alike (ASGI sends lowercase bytes):
-# one dict lookup per header instead of decoding and lowering every name.
-_SIGNATURE, _ENCODING, _LENGTH = "signature", "encoding", "length"
-_HEADER_KINDS: dict[str | bytes, str] = {}
-for _name, _kind in (
-    (SIGNATURE_HEADER, _SIGNATURE),
-    ("Content-Encoding", _ENCODING),
-    ("Content-Length", _LENGTH),
-):
-    for _form in (_name, _name.lower(), _name.title()):
-        _HEADER_KINDS[_form] = _HEADER_KINDS[_form.encode("ascii")] = _kind
 
 
 def _span(delta: timedelta) -> str:

@@ -1,13 +1,27 @@
-"""Registering handlers for event names, and finding the ones an event should reach."""
+"""Registering handlers for event names, and finding the ones an event should reach.
+
+A handler's id is what the idempotency store records when it succeeds, so that a retry skips
+it: it must name the same handler in every process and after every restart, and no two
+handlers an event can reach may share one. It is ``name=`` when given, else the function's
+``module.qualname``. Renaming a handler (or its module) changes its identity: for events in
+flight at the deploy, a handler renamed after it succeeded runs once more. A registration
+whose id is ambiguous (a second handler with the same id for the same event, directly or
+through ``include()``) or cannot be derived stably (a ``functools.partial``, a callable
+instance) is refused with a :class:`~flymy_receiver.errors.ConfigurationError` that asks for
+``name=``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import logging
+import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import FrameType
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -28,6 +42,8 @@ _generation = [0]
 
 #: Register a handler under this name to receive every authentic event, known or not.
 CATCH_ALL = "*"
+#: Handler ids are stored with each event's records: keep them short.
+MAX_HANDLER_ID_LENGTH = 200
 
 
 class OutputMismatch(Exception):
@@ -35,12 +51,18 @@ class OutputMismatch(Exception):
 
 
 class Handler:
-    """One registered handler, with its filters and its typed-output model."""
+    """One registered handler, with its filters and its typed-output model.
+
+    The model is resolved when the handler is built: an annotation that cannot be resolved
+    is a :class:`~flymy_receiver.errors.ConfigurationError` then, never an untyped event
+    later. ``localns`` holds the names of the scope that defined the handler (an app
+    factory's imports and models), for annotations written under
+    ``from __future__ import annotations``.
+    """
 
     __slots__ = (
         "_is_async",
         "_model",
-        "_resolved",
         "agent_id",
         "agent_name",
         "atomic",
@@ -59,6 +81,7 @@ class Handler:
         agent_name: str | None,
         output: type[Any] | None,
         id: str,
+        localns: Mapping[str, Any] | None = None,
         atomic: bool = False,
     ) -> None:
         self.func = func
@@ -68,8 +91,7 @@ class Handler:
         self.agent_name = agent_name
         self.output = output
         self.id = id
-        self._model: type[BaseModel] | None = None
-        self._resolved = False
+        self._model = _resolve_model(func, output, id, localns or {})
         # Asked on every delivery; inspect's check walks the function's wrappers each time.
         self._is_async = inspect.iscoroutinefunction(func)
 
@@ -93,14 +115,11 @@ class Handler:
 
     def model(self) -> type[BaseModel] | None:
         """The parametrised ``RunCompleted[Output]`` this handler wants, if any."""
-        if not self._resolved:
-            self._model = self._resolve_model()
-            self._resolved = True
         return self._model
 
     def typed_event(self, event: AnyEvent, raw: Any) -> AnyEvent:
         """The event as this handler wants it: with ``data.output`` validated if asked."""
-        model = self.model()
+        model = self._model
         if model is None or not isinstance(event, RunCompleted):
             return event
         try:
@@ -111,31 +130,118 @@ class Handler:
                 f"{model.__name__}: {describe_validation_error(exc)}"
             ) from None
 
-    def _resolve_model(self) -> type[BaseModel] | None:
-        if self.output is not None:
-            return RunCompleted[self.output]  # type: ignore[name-defined]
-        try:
-            hints = typing.get_type_hints(self.func)
-        except Exception:  # an annotation that cannot be resolved at module level
-            params = list(inspect.signature(self.func).parameters.values())
-            if params and params[0].annotation is not inspect.Parameter.empty:
-                logger.warning(
-                    "cannot resolve the annotations of handler %s; its event output stays "
-                    "untyped (pass output=Model to on() instead)",
-                    self.id,
-                )
-            return None
-        hints.pop("return", None)
-        first = next(iter(hints.values()), None)
-        metadata = getattr(first, "__pydantic_generic_metadata__", None)
-        if (
-            metadata
-            and metadata.get("origin") is RunCompleted
-            and metadata.get("args")
-            and metadata["args"][0] is not Any
-        ):
-            return typing.cast("type[BaseModel]", first)
+    def meets(self, other: Handler) -> bool:
+        """Whether one event can reach both handlers (their ids must then differ)."""
+        return self.event == other.event or CATCH_ALL in (self.event, other.event)
+
+
+def _resolve_model(
+    func: Callable[..., Any], output: type[Any] | None, handler_id: str, localns: Mapping[str, Any]
+) -> type[BaseModel] | None:
+    if output is not None:
+        return RunCompleted[output]  # type: ignore[valid-type]  # a model given at run time
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: no annotation to read
         return None
+    if not params or params[0].annotation is inspect.Parameter.empty:
+        return None
+    annotation = params[0].annotation
+    # get_type_hints on a stand-in resolves this one annotation (strings and forward
+    # references inside it) as it would for the handler, from the handler's globals and the
+    # names of the scope that defined it; the other annotations do not matter here.
+    probe = _annotation_probe(annotation)
+    try:
+        hint = typing.get_type_hints(probe, globalns=_globals_of(func), localns=dict(localns))
+    except Exception as exc:
+        raise ConfigurationError(
+            f"cannot resolve the annotation {_shown(annotation)} of handler {handler_id}: "
+            f"{type(exc).__name__}: {exc}. Import or define what it names before the handler "
+            "is registered, or pass output=Model to on()"
+        ) from None
+    first = hint.get("event")
+    metadata = getattr(first, "__pydantic_generic_metadata__", None)
+    if (
+        metadata
+        and metadata.get("origin") is RunCompleted
+        and metadata.get("args")
+        and metadata["args"][0] is not Any
+    ):
+        return typing.cast("type[BaseModel]", first)
+    return None
+
+
+def _annotation_probe(annotation: Any) -> Callable[..., None]:
+    def probe(event: Any) -> None: ...
+
+    probe.__annotations__ = {"event": annotation}
+    return probe
+
+
+def _shown(annotation: Any) -> str:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    return repr(text or str(annotation))[:120]
+
+
+def _unwrapped(func: Any) -> Any:
+    while isinstance(func, functools.partial):
+        func = func.func
+    func = inspect.unwrap(func)
+    return func.__func__ if inspect.ismethod(func) else func
+
+
+def _globals_of(func: Callable[..., Any]) -> dict[str, Any]:
+    """The module namespace a handler's annotations were written in."""
+    target = _unwrapped(func)
+    namespace = getattr(target, "__globals__", None)
+    if namespace is None:  # a callable instance: its class's __call__
+        namespace = getattr(_unwrapped(type(target).__call__), "__globals__", None)
+    if namespace is None:
+        module = sys.modules.get(getattr(target, "__module__", None) or "")
+        namespace = vars(module) if module is not None else {}
+    return typing.cast("dict[str, Any]", namespace)
+
+
+def _closure_names(func: Callable[..., Any]) -> dict[str, Any]:
+    """The variables a function closes over, by name (empty cells left out)."""
+    target = _unwrapped(func)
+    code, cells = getattr(target, "__code__", None), getattr(target, "__closure__", None)
+    if code is None or not cells:
+        return {}
+    names = {}
+    for name, cell in zip(code.co_freevars, cells, strict=False):
+        try:
+            names[name] = cell.cell_contents
+        except ValueError:  # a cell not filled yet
+            continue
+    return names
+
+
+def _derived_id(func: Callable[..., Any]) -> str:
+    """A handler's default id, ``module.qualname``; refuses what has no stable name."""
+    qualname = getattr(func, "__qualname__", None)
+    if not isinstance(qualname, str) or not qualname:
+        kind = "a functools.partial" if isinstance(func, functools.partial) else "a callable"
+        raise ConfigurationError(
+            f"{kind} without a __qualname__ has no name that is the same in every process: "
+            "register it with on(..., name='a-stable-name')"
+        )
+    module = getattr(func, "__module__", None)
+    return f"{module}.{qualname}" if isinstance(module, str) and module else qualname
+
+
+def _checked_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError("a handler name must be a non-empty string")
+    if len(name) > MAX_HANDLER_ID_LENGTH:
+        raise ConfigurationError(
+            f"a handler name must be at most {MAX_HANDLER_ID_LENGTH} characters"
+        )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError("a handler name must be valid UTF-8 text") from None
+    return name
 
 
 class Router:
@@ -147,9 +253,9 @@ class Router:
 
     def __init__(self, *others: Router) -> None:
         self._entries: list[Handler | Router] = []
+        self._parents: list[Router] = []  # the routers this one was included in
         self._flat: list[Handler] = []
         self._flat_generation = -1
-        self._included_by: list[Router] = []
         for other in others:
             self.include(other)
 
@@ -160,32 +266,43 @@ class Router:
         agent_id: str | None = None,
         agent_name: str | None = None,
         output: type[Any] | None = None,
+        name: str | None = None,
         atomic: bool = False,
     ) -> Callable[[F], F]:
         """Register the decorated function for ``event`` (``"*"`` for every event).
 
         ``agent_id``/``agent_name`` restrict it to one agent's runs; ``output`` validates
         ``data.output`` of ``run.completed`` into that model (the same as annotating the
-        parameter as ``RunCompleted[Model]``). ``atomic=True`` runs a sync handler in one
-        database transaction with the record that it succeeded (needs a store that can, such
-        as ``DjangoStore``; refused with ``ConfigurationError`` otherwise). Returns the
-        function unchanged.
+        parameter as ``RunCompleted[Model]``). ``name`` is the handler's id, recorded when it
+        succeeds so that a retry skips it (default ``module.qualname``; renaming changes
+        it). ``atomic=True`` runs a sync handler in one database transaction with the record
+        that it succeeded (needs a store that can, such as ``DjangoStore``; refused with
+        ``ConfigurationError`` otherwise). Returns the function unchanged.
         """
         if not isinstance(event, str) or not event:
             raise TypeError("event must be a non-empty event name, or '*'")
+        if name is not None:
+            name = _checked_name(name)
 
         def register(func: F) -> F:
             if not callable(func):
                 raise TypeError("a handler must be callable")
+            # The scope that defines the handler (an app factory) holds the names its
+            # annotations may use: under decorator syntax, it is the caller of register().
+            frame: FrameType | None = sys._getframe(1)
+            localns = {**(frame.f_locals if frame is not None else {}), **_closure_names(func)}
+            del frame  # no reference cycle through the frame
             handler = Handler(
                 func,
                 event,
                 agent_id=agent_id,
                 agent_name=agent_name,
                 output=output,
-                id=self._handler_id(func, event),
+                id=name if name is not None else _derived_id(func),
+                localns=localns,
                 atomic=atomic,
             )
+            self._refuse_clashes([handler])
             self._check(handler)
             _generation[0] += 1
             self._entries.append(handler)
@@ -194,14 +311,20 @@ class Router:
         return register
 
     def include(self, router: Router) -> None:
-        """Add ``router``'s handlers (present and future) after the ones registered so far."""
+        """Add ``router``'s handlers (present and future) after the ones registered so far.
+
+        Raises :class:`~flymy_receiver.errors.ConfigurationError` when one of its handlers
+        has the id of a handler already here for the same event.
+        """
         if router is self or self in router._walk_routers():
             raise ValueError("including this router would create a cycle")
-        for handler in router.handlers():
+        handlers = list(router.handlers())
+        self._refuse_clashes(handlers)
+        for handler in handlers:
             self._check(handler)
         _generation[0] += 1
+        router._parents.append(self)
         self._entries.append(router)
-        router._included_by.append(self)
 
     def handlers(self) -> Iterator[Handler]:
         """Every registered handler, in the order they run."""
@@ -252,7 +375,7 @@ class Router:
                 f"handler {handler.id}: atomic=True needs a sync handler (a database "
                 "transaction cannot span an await)"
             )
-        for parent in self._included_by:
+        for parent in self._parents:
             parent._check(handler)
 
     def _walk_routers(self) -> Iterator[Router]:
@@ -261,15 +384,35 @@ class Router:
                 yield entry
                 yield from entry._walk_routers()
 
-    def _handler_id(self, func: Callable[..., Any], event: str) -> str:
-        base = f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', repr(func))}"
-        taken = {h.id for h in self.handlers() if h.event == event}
-        if base not in taken:
-            return base
-        n = 2
-        while f"{base}#{n}" in taken:
-            n += 1
-        return f"{base}#{n}"
+    def _roots(self) -> list[Router]:
+        """The outermost routers this one is part of (itself when it is not included)."""
+        roots: list[Router] = []
+        pending, seen = [self], set()
+        while pending:
+            router = pending.pop()
+            if id(router) in seen:
+                continue
+            seen.add(id(router))
+            if router._parents:
+                pending.extend(router._parents)
+            elif router not in roots:
+                roots.append(router)
+        return roots
+
+    def _refuse_clashes(self, new: Iterable[Handler]) -> None:
+        """Refuse handlers whose id an event would share with another handler it reaches."""
+        new = list(new)
+        for root in self._roots():
+            present = list(root.handlers())
+            for position, handler in enumerate(new):
+                for other in [*present, *new[:position]]:
+                    if other.id == handler.id and other.meets(handler):
+                        raise ConfigurationError(
+                            f"two handlers for {handler.event!r} would share the id "
+                            f"{handler.id!r}: give one of them on(..., name='...') (the id "
+                            "records which handlers of an event succeeded, so it must be "
+                            "unique)"
+                        )
 
 
 _THREAD_POOL: concurrent.futures.ThreadPoolExecutor | None = None

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from .errors import ConfigurationError, InvalidSignature
 
@@ -54,7 +55,7 @@ Secrets = SecretInput | Sequence[SecretInput]
 
 def sign(body: bytes, secret: str | bytes) -> str:
     """Return the header value the platform sends for ``body``: lowercase hex HMAC-SHA256."""
-    key = secret.encode() if isinstance(secret, str) else secret
+    key = _secret_bytes(secret, "the secret")
     if not key:
         raise ConfigurationError("secret must not be empty")
     return hmac.new(key, body, hashlib.sha256).hexdigest()
@@ -69,10 +70,12 @@ def normalize_secrets(
     env file) is stripped with a warning. An empty secret is a :class:`ConfigurationError`:
     no request is ever checked against an empty key.
     """
+    source = "webhook secret"
     if secret is None:
         secret = (os.environ if environ is None else environ).get(SECRET_ENV_VAR)
         if secret is None:
             raise ConfigurationError(f"no webhook secret: pass secret=... or set {SECRET_ENV_VAR}")
+        source = SECRET_ENV_VAR
     items: Sequence[SecretInput] = [secret] if isinstance(secret, (str, bytes)) else list(secret)
     if not items:
         raise ConfigurationError("at least one webhook secret is required")
@@ -80,7 +83,7 @@ def normalize_secrets(
     for position, item in enumerate(items):
         if not isinstance(item, (str, bytes)):
             raise ConfigurationError("webhook secrets must be str or bytes")
-        raw = item.encode() if isinstance(item, str) else item
+        raw = _secret_bytes(item, f"{source} #{position}" if len(items) > 1 else source)
         key = raw.strip(_WHITESPACE.encode())
         if key != raw:
             logger.warning(
@@ -92,10 +95,25 @@ def normalize_secrets(
     return tuple(keys)
 
 
-def signature_candidates(values: Iterable[str | bytes]) -> list[bytes]:
+def _secret_bytes(secret: str | bytes, what: str) -> bytes:
+    """A secret as HMAC key bytes; a str that is not valid UTF-8 is a configuration error
+    whose message shows nothing of the secret (the codec's own error quotes a character)."""
+    if not isinstance(secret, str):
+        return secret
+    try:
+        return secret.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"{what} is not valid UTF-8 text (it holds a lone surrogate, as a str read from "
+            "bytes that are not UTF-8 does): set it as UTF-8 text, or pass the key as bytes"
+        ) from None
+
+
+def signature_candidates(values: Iterable[Any]) -> list[bytes]:
     """Parse header values into candidate digests (lowercase ASCII hex, 64 chars each).
 
-    Raises :class:`InvalidSignature` for a missing, oversized, non-ASCII or malformed header.
+    Raises :class:`InvalidSignature` for a missing, oversized, non-ASCII or malformed header,
+    and for a value that is neither ``str`` nor ``bytes``.
     """
     # The form the platform sends (one line, exact lowercase hex) skips the general parse.
     if isinstance(values, (list, tuple)) and len(values) == 1:
@@ -103,18 +121,26 @@ def signature_candidates(values: Iterable[str | bytes]) -> list[bytes]:
         if isinstance(value, str):
             if _LOWER_HEX64.fullmatch(value) is not None:
                 return [value.encode("ascii")]
-        elif _LOWER_HEX64_BYTES.fullmatch(value) is not None:
+        elif isinstance(value, bytes) and _LOWER_HEX64_BYTES.fullmatch(value) is not None:
             return [bytes(value)]
+    if isinstance(values, (str, bytes)):  # one value, not a list of lines
+        values = [values]
+    try:
+        lines = list(values)
+    except TypeError:
+        raise InvalidSignature("unreadable signature header", code="malformed_signature") from None
     parts: list[str] = []
     total = 0
-    for value in values:
-        if isinstance(value, bytes):
+    for value in lines:
+        if isinstance(value, (bytes, bytearray)):
             try:
-                value = value.decode("ascii")
+                value = bytes(value).decode("ascii")
             except UnicodeDecodeError:
                 raise InvalidSignature(
                     "non-ASCII signature header", code="malformed_signature"
                 ) from None
+        elif not isinstance(value, str):
+            raise InvalidSignature("unreadable signature header", code="malformed_signature")
         total += len(value)
         if total > MAX_HEADER_LENGTH:
             raise InvalidSignature("signature header too long", code="malformed_signature")
@@ -152,8 +178,7 @@ def verify_signature(
     """
     if signature is None:
         raise InvalidSignature("missing signature header", code="missing_signature")
-    values = [signature] if isinstance(signature, (str, bytes)) else signature
-    return match_signature(body, signature_candidates(values), normalize_secrets(secrets))
+    return match_signature(body, signature_candidates(signature), normalize_secrets(secrets))
 
 
 def match_signature(body: bytes, candidates: Sequence[bytes], keys: Sequence[bytes]) -> int:
@@ -228,6 +253,8 @@ def _header_hints(values: Iterable[str | bytes]) -> list[str]:
     whitespace = prefix = False
     for value in values:
         text = value.decode("latin-1") if isinstance(value, bytes) else value
+        if not isinstance(text, str):
+            continue
         for part in text[:MAX_HEADER_LENGTH].split(","):
             stripped = part.strip(_WHITESPACE)
             whitespace = whitespace or (bool(stripped) and stripped != part)

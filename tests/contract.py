@@ -573,18 +573,104 @@ class ReceiverContract:
         assert repr(score) == repr(float(constant))
         self.refused(self.send(receiver, body, signed(body)), seen, 400)
 
+    @pytest.mark.parametrize(("literal", "value"), [("1e400", "inf"), ("-1e999", "-inf")])
+    def test_a_float_beyond_double_range_reads_as_infinity(self, literal: str, value: str) -> None:
+        # Documented choice: valid JSON whose range RFC 8259 leaves to the implementation;
+        # read as JavaScript and Python's json read it.
+        receiver, seen = self.build()
+        body = event_body(output={"score": "@"}).replace(b'"@"', literal.encode())
+        assert self.send(receiver, body, signed(body)).status == 200
+        assert seen.completed[0].data.output["score"] == float(value)
+
     @pytest.mark.parametrize(
         "digits",
-        ["7" * 5000, "123456789012345678901234567890", "-9223372036854775809"],
-        ids=["5000-digits", "30-digits", "below-int64"],
+        ["7" * 4300, "-" + "9" * 4300, "123456789012345678901234567890", "-9223372036854775809"],
+        ids=["4300-digits", "minus-4300-digits", "30-digits", "below-int64"],
     )
     def test_huge_integer_inside_output_is_kept_exact(self, digits: str) -> None:
+        # Documented choice: integers are exact up to 4300 digits (Python's own limit for
+        # turning an int into text, so a handler can print and store every one it gets).
         receiver, seen = self.build()
         body = event_body(output={"big": "@", "small": 1}).replace(b'"@"', digits.encode())
         assert self.send(receiver, body, signed(body)).status == 200
         (event,) = seen.completed
         assert str(event.data.output["big"]) == digits
         assert event.data.output["small"] == 1
+
+    @pytest.mark.parametrize("where", ["output", "duration_ms", "key-order-last"])
+    @pytest.mark.parametrize(
+        "number",
+        [
+            pytest.param("7" * 4301, id="4301-digits"),
+            pytest.param("7" * 100_000, id="100000-digits"),
+            pytest.param("-" + "7" * 1_000_000, id="1000000-digits"),
+            pytest.param("1" * 5000 + "e-5000", id="5000-digit-mantissa"),
+        ],
+    )
+    def test_absurd_numbers_are_a_fast_400(self, number: str, where: str) -> None:
+        # Refused as the parser reads them, before any conversion (converting a million
+        # digits to an int is quadratic: tens of seconds). No timing here: benchmarks.
+        receiver, seen = self.build()
+        if where == "duration_ms":
+            body = event_body(duration_ms=0).replace(b'"duration_ms":0', b'"duration_ms":@')
+        elif where == "output":
+            body = event_body(output={"n": "@"})
+        else:
+            body = event_body()[:-1] + b',"zz":"@"}'
+        body = body.replace(b'"@"', number.encode()).replace(b":@", b":" + number.encode())
+        assert number.encode() in body
+        self.refused(self.send(receiver, body, signed(body)), seen, 400)
+
+    def test_long_fractions_and_exponents_are_read_as_the_nearest_double(self) -> None:
+        # Only the digits before the point are bounded: the rest costs no more than reading.
+        receiver, seen = self.build()
+        body = event_body(output={"a": "@", "b": "@@"})
+        body = body.replace(b'"@"', b"0." + b"1" * 100_000)
+        body = body.replace(b'"@@"', b"1e-" + b"9" * 100_000)
+        assert self.send(receiver, body, signed(body)).status == 200
+        assert seen.completed[0].data.output == {"a": 0.1111111111111111, "b": 0.0}
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            pytest.param('"\\ud83d"', id="lone-high"),
+            pytest.param('"\\ude00"', id="lone-low"),
+            pytest.param('"\\ude00\\ud83d"', id="reversed-pair"),
+            pytest.param('"ok \\ud83d\\u0041"', id="high-then-non-low"),
+            # Whatever else the body holds: long digit runs once sent bodies to another
+            # parser that took lone surrogates.
+            pytest.param(
+                '"https://x.example/status/1234567890123456789 \\ud83d"', id="digits-in-url"
+            ),
+            pytest.param('["\\ud800", 123456789012345678901234567890]', id="next-to-a-big-int"),
+        ],
+    )
+    @pytest.mark.parametrize("where", ["value", "key", "run_id"])
+    def test_lone_surrogate_escapes_are_refused(self, text: str, where: str) -> None:
+        # A string with a lone surrogate cannot be encoded as UTF-8: no store could record
+        # its key and no handler could write it anywhere. Refused on every path.
+        receiver, seen = self.build()
+        string = text.split(",")[0].strip("[")  # a key or a run_id is one string
+        if where == "run_id":
+            body = event_body(run_id="@").replace(b'"@"', string.encode())
+        elif where == "key":
+            body = event_body(output={"@": 1}).replace(b'"@"', string.encode())
+        else:
+            body = event_body(output={"text": "@"}).replace(b'"@"', text.encode())
+        # Python's json takes it, and gives a str that cannot be encoded.
+        decoded = json.dumps(json.loads(body), ensure_ascii=False)
+        with pytest.raises(UnicodeEncodeError):
+            decoded.encode("utf-8")
+        self.refused(self.send(receiver, body, signed(body)), seen, 400)
+
+    def test_nesting_up_to_the_limit_is_accepted(self) -> None:
+        # Documented limit: 200 levels, the envelope counted (3 of them here).
+        receiver, seen = self.build()
+        depth = 197
+        nested = b'{"a":' * depth + b"1" + b"}" * depth
+        body = event_body(output={"deep": "@"}).replace(b'"@"', nested)
+        assert self.send(receiver, body, signed(body)).status == 200
+        assert len(seen.completed) == 1
 
     def test_integer_run_id_beyond_64_bits(self) -> None:
         receiver, seen = self.build()
@@ -657,6 +743,23 @@ class ReceiverContract:
         receiver, seen = self.build(max_body_size=1024)
         body = Tripwire([b"x" * 1024] * 4)
         headers = [*signed(b"x" * 4096), ("Content-Length", str(10**9))]
+        self.refused(self.send_stream(receiver, body, headers), seen, 413)
+        assert body.pulled == 0
+
+    @pytest.mark.parametrize(
+        "declared",
+        [
+            pytest.param("0" * 20 + "4096", id="20-leading-zeros"),
+            pytest.param("0" * 1000 + "4096", id="1000-leading-zeros"),
+            pytest.param("9" * 30, id="30-digits"),
+        ],
+    )
+    def test_content_length_with_leading_zeros_is_refused_before_reading(
+        self, declared: str
+    ) -> None:
+        receiver, seen = self.build(max_body_size=1024)
+        body = Tripwire([b"x" * 1024] * 4)
+        headers = [*signed(b"x" * 4096), ("Content-Length", declared)]
         self.refused(self.send_stream(receiver, body, headers), seen, 413)
         assert body.pulled == 0
 

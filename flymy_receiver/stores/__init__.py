@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigurationError
 from .base import Claim, ClaimState, JournalStore, Store
 from .memory import MemoryStore
 from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal
+from .urls import redacted_url
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore
@@ -31,6 +33,7 @@ __all__ = [
     "Refusal",
     "SQLiteStore",
     "Store",
+    "redacted_url",
     "store_from_url",
 ]
 
@@ -59,11 +62,15 @@ def store_from_url(url: str) -> Store:
     ``memory://`` -> :class:`MemoryStore`; ``sqlite:///relative/path.sqlite3`` or
     ``sqlite:////absolute/path.sqlite3`` -> :class:`SQLiteStore`; ``redis://...`` or
     ``rediss://...`` -> :class:`RedisStore`; ``postgresql://...`` or ``postgres://...``
-    -> :class:`PostgresStore` (the password, if any, is never shown).
+    -> :class:`PostgresStore`. A URL that cannot be used is a
+    :class:`~flymy_receiver.errors.ConfigurationError` (a ``ValueError``) whose message shows
+    the URL through :func:`redacted_url`, never its password.
     """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"a store URL must be a string, not {type(url).__name__}")
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ValueError(f"not a store URL (expected scheme://...): {url[:40]!r}")
+        raise ConfigurationError(f"not a store URL (expected scheme://...): {redacted_url(url)!r}")
     scheme = scheme.lower()
     if scheme == "memory":
         return MemoryStore()
@@ -72,7 +79,7 @@ def store_from_url(url: str) -> Store:
 
         path = rest[1:] if rest.startswith("/") else rest
         if not path:
-            raise ValueError("sqlite store URL needs a path: sqlite:///deliveries.sqlite3")
+            raise ConfigurationError("sqlite store URL needs a path: sqlite:///deliveries.sqlite3")
         return SQLiteStore(path)
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
@@ -82,6 +89,7 @@ def store_from_url(url: str) -> Store:
         from .postgres import PostgresStore
 
         return PostgresStore(f"{scheme}://{rest}")  # libpq knows the scheme in lower case
-    raise ValueError(
-        f"unknown store scheme {scheme!r}: use memory://, sqlite:///, redis:// or postgresql://"
+    raise ConfigurationError(
+        f"unknown store scheme {scheme[:20]!r} in {redacted_url(url)!r}: "
+        "use memory://, sqlite:///, redis:// or postgresql://"
     )

@@ -49,7 +49,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         "PostgresStore needs psycopg 3 and psycopg-pool: pip install 'flymy-receiver[postgres]'"
     ) from None
 
-from ..errors import StoreUnavailable
+from ..errors import ConfigurationError, StoreUnavailable
 from .base import Claim, ClaimState
 from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal, to_datetime
 
@@ -324,10 +324,12 @@ class PostgresStore:
                 params = conninfo_to_dict(url_or_pool)
             except psycopg.Error:
                 # libpq's message may quote the string, password included.
-                raise ValueError("not a valid PostgreSQL URL or connection string") from None
+                raise ConfigurationError(
+                    "not a valid PostgreSQL URL or connection string"
+                ) from None
             ports = str(params.get("port") or "0").split(",")
             if not all(p.strip().isdigit() and int(p) < 65536 for p in ports):
-                raise ValueError("the PostgreSQL URL's port is not a number")
+                raise ConfigurationError("the PostgreSQL URL's port is not a number")
             self._password = str(params.get("password") or "")
             self._display = repr(_masked(params))
             self._conninfo = url_or_pool

@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import StoreUnavailable
+from ..errors import ConfigurationError, StoreUnavailable
 from .base import Claim, ClaimState
 from .records import (
     HandlerOutcome,
@@ -41,6 +41,7 @@ from .records import (
     Refusal,
     to_datetime,
 )
+from .urls import redacted_url
 
 __all__ = ["RedisStore"]
 
@@ -207,12 +208,21 @@ class RedisStore:
             # One quick retry covers a pooled connection that a Redis restart has closed;
             # more would only delay the 503 the sender needs to retry later. A timeout is not
             # retried: the command may be running on the server (see the module docstring).
-            client = redis.Redis.from_url(
-                url_or_client,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            )
+            try:
+                client = redis.Redis.from_url(
+                    url_or_client,
+                    socket_timeout=socket_timeout,
+                    socket_connect_timeout=socket_timeout,
+                    retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+                )
+            except (ValueError, TypeError) as exc:
+                # redis-py's and urllib's messages quote parts of the URL, password included
+                # ("Port could not be cast to integer value as 'hunter2'"): say what is wrong
+                # with the URL shown redacted, and chain nothing.
+                raise ConfigurationError(
+                    f"not a usable Redis URL: {redacted_url(url_or_client)!r} "
+                    f"({type(exc).__name__}; expected redis://[[user]:password@]host[:port][/db])"
+                ) from None
         else:
             client = url_or_client
         self.client = client

@@ -10,6 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from flymy_receiver import OutputMismatch, Receiver, Router, RunCompleted, RunFailed
+from flymy_receiver.errors import ConfigurationError
 from flymy_receiver.testing import make_event, signed_request
 from tests.conftest import SECRET
 
@@ -80,8 +81,8 @@ def test_order_is_registration_order_and_includes_run_in_place() -> None:
 def test_router_constructor_merges_routers_in_order() -> None:
     order: list[str] = []
     a, b = Router(), Router()
-    a.on("run.failed")(lambda event: order.append("a"))
-    b.on("run.failed")(lambda event: order.append("b"))
+    a.on("run.failed", name="a")(lambda event: order.append("a"))
+    b.on("run.failed", name="b")(lambda event: order.append("b"))
     merged = Router(b, a)
     receiver = Receiver(secret=SECRET)
     receiver.include(merged)
@@ -98,7 +99,7 @@ def test_include_cycles_are_refused() -> None:
         a.include(a)
 
 
-def test_same_function_twice_gets_distinct_ids_and_runs_twice() -> None:
+def test_same_function_twice_for_one_event_needs_names_then_runs_twice() -> None:
     calls: list[str] = []
     receiver = Receiver(secret=SECRET)
 
@@ -106,9 +107,11 @@ def test_same_function_twice_gets_distinct_ids_and_runs_twice() -> None:
         calls.append(event.data.run_id)
 
     receiver.on("run.completed")(handler)
-    receiver.on("run.completed")(handler)
+    with pytest.raises(ConfigurationError, match="name="):
+        receiver.on("run.completed")(handler)
+    receiver.on("run.completed", name="handler-again")(handler)
     ids = [h.id for h in receiver.handlers()]
-    assert len(set(ids)) == 2
+    assert ids == [f"{__name__}.{handler.__qualname__}", "handler-again"]
     assert deliver(receiver, make_event("run.completed", run_id="run_twice")) == 200
     assert calls == ["run_twice", "run_twice"]
 
@@ -129,7 +132,7 @@ def test_agent_filters(filters: dict[str, str], reached: bool, name: str) -> Non
     calls: list[Any] = []
     receiver = Receiver(secret=SECRET)
     receiver.on(name, **filters)(calls.append)
-    receiver.on("*", **filters)(calls.append)
+    receiver.on("*", **filters, name="every")(calls.append)
     event = make_event(name, agent_id="agent_a", agent_name="Profiler")
     assert deliver(receiver, event) == 200
     assert len(calls) == (2 if reached else 0)
@@ -152,8 +155,8 @@ def test_typed_output_by_argument_and_untyped_neighbours() -> None:
     seen: list[Any] = []
     receiver = Receiver(secret=SECRET)
     receiver.on("run.completed", output=LeadProfile)(lambda e: seen.append(e.data.output))
-    receiver.on("run.completed")(lambda e: seen.append(e.data.output))
-    receiver.on("*", output=LeadProfile)(lambda e: seen.append(e))
+    receiver.on("run.completed", name="untyped")(lambda e: seen.append(e.data.output))
+    receiver.on("*", output=LeadProfile, name="every")(lambda e: seen.append(e))
     assert deliver(receiver, make_event("run.completed")) == 200
     assert isinstance(seen[0], LeadProfile)
     assert isinstance(seen[1], dict)
@@ -186,17 +189,16 @@ def test_output_mismatch_is_a_500_and_names_no_value(caplog: pytest.LogCaptureFi
         receiver.dispatch(event)
 
 
-def test_unresolvable_annotation_leaves_output_untyped(caplog: pytest.LogCaptureFixture) -> None:
-    seen: list[Any] = []
+def test_unresolvable_annotation_is_refused_at_registration() -> None:
     receiver = Receiver(secret=SECRET)
 
     def handler(event: RunCompleted[NotDefinedAnywhere]) -> None:  # type: ignore[name-defined]  # noqa: F821
-        seen.append(event.data.output)
+        raise AssertionError("never registered")
 
-    receiver.on("run.completed")(handler)
-    assert deliver(receiver, make_event("run.completed")) == 200
-    assert isinstance(seen[0], dict)
-    assert "output=Model" in caplog.text
+    with pytest.raises(ConfigurationError, match="output=Model") as info:
+        receiver.on("run.completed")(handler)
+    assert "NotDefinedAnywhere" in str(info.value)
+    assert list(receiver.handlers()) == []
 
 
 def sync_and_async_receiver() -> tuple[Receiver, list[str]]:

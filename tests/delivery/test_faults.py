@@ -172,7 +172,7 @@ def test_failed_handler_record_is_503_and_the_handler_is_not_acknowledged() -> N
     store = _FlakyStore()
     receiver = Receiver(SECRET, store=store)
     receiver.on("run.completed")(lambda event: None)
-    receiver.on("run.completed")(lambda event: None)
+    receiver.on("run.completed", name="second")(lambda event: None)
     store.failing = {"mark_handler_done"}
     body, headers = _request()
     assert receiver.handle(body, headers).status == 503

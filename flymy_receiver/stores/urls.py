@@ -1,0 +1,58 @@
+"""Showing a store URL without its credentials, in errors, log lines and CLI messages.
+
+A store URL often carries a password (``redis://:hunter2@cache:6379/0``), and the URLs that
+need showing are the malformed ones, which a URL parser cannot be trusted to split. So the
+redaction assumes nothing: everything before the last ``@`` of the part after ``://`` is
+credentials, and so is the value of any query parameter whose name looks like one.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["redacted_url"]
+
+#: What replaces a credential.
+MASK = "***"
+#: Longer URLs are cut (after redaction): an error message needs the shape, not the whole.
+MAX_SHOWN = 120
+
+_SECRET_PARAM = re.compile(
+    r"(?i)([?&;][^=&;#]*(?:pass|pwd|secret|token|auth|key|cred)[^=&;#]*=)[^&;#]*"
+)
+
+
+def redacted_url(url: object) -> str:
+    """``url`` with any password (and user name) replaced by ``***``, safe to show.
+
+    Works on malformed URLs too: ``redis://:pw`` missing its host, a password with an
+    unescaped ``/`` or ``@``, no scheme at all (``:pw@host``).
+    """
+    text = url if isinstance(url, str) else repr(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    at = rest.rfind("@")
+    if at >= 0:
+        rest = f"{MASK}@{rest[at + 1 :]}"
+    elif not sep and ":" in rest:
+        # No scheme and no "@": "host:port" or a bare "user:password"; show neither half.
+        rest = f"{rest.partition(':')[0][:40]}:{MASK}"
+    elif sep and not _plain_authority(rest):
+        # "redis://:password" with the "@host" forgotten: the colon may start a password.
+        rest = f"{rest.partition(':')[0]}:{MASK}"
+    rest = _SECRET_PARAM.sub(rf"\1{MASK}", rest)
+    shown = f"{scheme}{sep}{rest}"
+    if len(shown) > MAX_SHOWN:
+        shown = shown[: MAX_SHOWN - 3] + "..."
+    return "".join(c if c.isprintable() else "?" for c in shown)
+
+
+def _plain_authority(rest: str) -> bool:
+    """Whether the authority (up to the first ``/``, ``?`` or ``#``) is a host with at most
+    a numeric port, so that no colon in it can start a password."""
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if ":" not in authority or authority.startswith("["):  # no port, or an IPv6 literal
+        return ":" not in authority or authority.endswith("]") or "]:" in authority
+    host, _, port = authority.rpartition(":")
+    return bool(host) and port.isdigit() and port.isascii()

@@ -1,0 +1,101 @@
+"""No store URL shows its password: in an error, a log line or a CLI message."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flymy_receiver.errors import ConfigurationError
+from flymy_receiver.stores import redacted_url, store_from_url
+from tests.conftest import require
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORD = "hunter2-Pa55"
+
+MALFORMED = [
+    f"redis://:{PASSWORD}",  # the "@host" forgotten: urllib reads the password as a port
+    f"redis://:{PASSWORD}@host:notaport/0",
+    f"redis://user:{PASSWORD}@host:6379/0?socket_timeout=soon",
+    f"rediss://:{PASSWORD}@[::1/0",
+    f"redis://host/0?password={PASSWORD}&socket_timeout=x",
+    f":{PASSWORD}@cache:6379",  # no scheme
+    f"cache:{PASSWORD}",
+    f"ftp://admin:{PASSWORD}@files",
+    f"redis//:{PASSWORD}@cache",
+    f"postgresql://app:{PASSWORD}@db:notaport/app",
+    f"postgresql://app:{PASSWORD}@[db/app",
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@cache:6379/0", "redis://***@cache:6379/0"),
+        ("redis://user:pw@cache/0", "redis://***@cache/0"),
+        ("rediss://u:p@ss/w@rd@h:1/0", "rediss://***@h:1/0"),  # an unescaped "@" or "/"
+        ("redis://:pw", "redis://:***"),
+        ("redis://cache:pw", "redis://cache:***"),
+        ("pw@cache", "***@cache"),
+        ("user:pw", "user:***"),
+        ("redis://h/0?password=pw&db=1", "redis://h/0?password=***&db=1"),
+        ("unix:///tmp/r.sock?db=0&password=pw", "unix:///tmp/r.sock?db=0&password=***"),
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("redis://[::1]:6379/0", "redis://[::1]:6379/0"),
+        ("sqlite:///deliveries.sqlite3", "sqlite:///deliveries.sqlite3"),
+        ("memory://", "memory://"),
+        ("redis://h\x1b[31m/0", "redis://h?[31m/0"),  # no terminal escape either
+    ],
+)
+def test_redacted_url(url: str, shown: str) -> None:
+    assert redacted_url(url) == shown
+
+
+def test_a_long_url_is_cut_after_redaction() -> None:
+    shown = redacted_url(f"redis://:{PASSWORD}@" + "h" * 500)
+    assert PASSWORD not in shown
+    assert len(shown) <= 120
+
+
+@pytest.mark.parametrize("url", MALFORMED)
+def test_store_from_url_errors_never_show_the_password(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    require("redis")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(url)
+    error = info.value
+    assert isinstance(error, ValueError)  # what callers catch
+    shown = f"{error} {error!r} {error.__cause__!r}"
+    if not error.__suppress_context__:
+        shown += repr(error.__context__)
+    assert PASSWORD not in shown
+    assert PASSWORD not in caplog.text
+
+
+def test_the_cli_never_shows_a_store_password() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flymy_receiver",
+            "listen",
+            "--port",
+            "0",
+            "--secret",
+            "s",
+            "--store",
+            MALFORMED[0],
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--store" in done.stderr
+    assert PASSWORD not in done.stdout + done.stderr
