@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from .describe import escape_controls
 from .stores.base import JournalStore, journals
 from .stores.records import ENTRY_STATES, JournalEntry
 from .stores.urls import redacted_url
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ["add_journal_command", "load_receiver", "printable"]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _SPAN = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -37,11 +37,12 @@ class JournalUsageError(Exception):
 
 
 def printable(value: object, limit: int = 200) -> str:
-    """``value`` as one safe line: control and bidi characters escaped, cut at ``limit``."""
+    """``value`` as one terminal-safe line: control and format characters escaped (see
+    :func:`flymy_receiver.describe.escape_controls`), cut at ``limit`` characters."""
     text = str(value)
     if len(text) > limit:
         text = text[:limit] + "…"
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return escape_controls(text)
 
 
 def load_receiver(spec: str) -> Receiver:

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from . import events as _events
+from .awaiting import DEFAULT_TIMEOUT, Waiters
 from .errors import (
     ConfigurationError,
     EventInFlight,
@@ -90,6 +91,8 @@ class Response:
 
 _RECEIVED = Response(200, b'{"received":true}', _JSON)
 _DUPLICATE = Response(200, b'{"received":true,"duplicate":true}', _JSON)
+#: The answers of a delivery whose handlers have finished (or that no handler wanted).
+_ENDED = frozenset({200, HandlerFailed.status})
 
 
 def _refusal(error: WebhookError, retry_after: float | None = None) -> Response:
@@ -230,6 +233,8 @@ class Receiver(Router):
             journal_store = _as_journal_store(self.store)
             self._refusal_log = RefusalLog(journal_store)
             self.journal = Journal(self, journal_store, self._refusal_log)
+        #: The calls waiting for runs' webhooks (:meth:`wait_for`, :meth:`results`).
+        self.waiters = Waiters(self.store, self.journal.store if self.journal else None)
 
     def __repr__(self) -> str:
         return (
@@ -299,6 +304,20 @@ class Receiver(Router):
                 _in_background(lambda: store.release(key, token))
             raise
         return step
+
+    async def wait_for(self, run_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> AnyEvent:
+        """The event of run ``run_id`` once a delivery of it ended after its handlers ran
+        (whether they succeeded or not), at once if the journal has one; raises
+        :class:`TimeoutError` after ``timeout`` seconds. See :mod:`flymy_receiver.awaiting`.
+        """
+        return await self.waiters.wait_for(run_id, timeout)
+
+    def results(
+        self, run_ids: Iterable[str], timeout: float | None = DEFAULT_TIMEOUT
+    ) -> AsyncIterator[AnyEvent]:
+        """Each run's event once, in the order they resolve (``async for``); ``timeout`` is
+        an overall deadline."""
+        return self.waiters.results(run_ids, timeout)
 
     def precheck(self, headers: Headers, method: str = "POST") -> Response | None:
         """The answer to give before reading the body, or ``None`` to go on reading.
@@ -420,8 +439,17 @@ class Receiver(Router):
         """Claim the event, run the handlers that have not succeeded yet, record the result.
 
         With the journal on, the same store calls carry the entry and each handler's
-        outcome. A replay runs this same plan over a stored body.
+        outcome. A replay runs this same plan over a stored body. Once the handlers have
+        finished (or no handler wanted the event), the run's waiters are told.
         """
+        response = yield from self._claim_and_dispatch(d)
+        if response.status in _ENDED:
+            announce = self.waiters.delivered(_run_id(d.event), d.event)
+            if announce is not None:  # other processes are told like a store call
+                yield _StoreCall(announce, ())
+        return response
+
+    def _claim_and_dispatch(self, d: _Delivery) -> _Plan:
         store = self.store
         journal = self.journal is not None
         if not d.handlers and d.entry is not None:

@@ -29,11 +29,12 @@ import logging
 import math
 import os
 import secrets
+import select
 import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -52,7 +53,7 @@ from ..errors import ConfigurationError, StoreUnavailable
 from .base import Claim, ClaimState
 from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal, to_datetime
 
-__all__ = ["PostgresStore"]
+__all__ = ["PostgresNotifier", "PostgresStore"]
 
 logger = logging.getLogger("flymy_receiver")
 
@@ -66,6 +67,8 @@ _PURGE_EVERY = 100
 _PURGE_BATCH = 500
 #: The client-side deadline of a call is its server-side timeouts plus this much.
 _GRACE = 1.0
+#: The longest run id a notification carries (PostgreSQL's limit is 8000 bytes).
+_MAX_PAYLOAD = 7900
 #: Refusal texts are cut to this many characters.
 _MAX_REASON, _MAX_DETAIL = 100, 1000
 #: Errors after which a call is retried once on a fresh connection, when nothing was
@@ -195,6 +198,11 @@ ORDER BY key = %(key)s DESC, received_at DESC
 LIMIT 1
 """
 _JOURNAL_LIST = "SELECT {columns} FROM {s}.flymy_journal WHERE expires > {now}"
+_JOURNAL_SETTLED = """
+SELECT {columns} FROM {s}.flymy_journal
+WHERE run_id = ANY(%(runs)s) AND state <> 'pending' AND expires > {now}
+ORDER BY received_at
+"""
 _REFUSAL = """
 WITH added AS (
     INSERT INTO {s}.flymy_refusals (at, status, reason, detail)
@@ -231,6 +239,7 @@ class _Queries:
     journal_update: str
     journal_get: str
     journal_list: str
+    journal_settled: str
     refusal: str
     refusals: str
     purge: tuple[str, ...]
@@ -253,6 +262,7 @@ class _Queries:
             journal_update=q(_JOURNAL_UPDATE),
             journal_get=q(_JOURNAL_GET),
             journal_list=q(_JOURNAL_LIST),
+            journal_settled=q(_JOURNAL_SETTLED),
             refusal=q(_REFUSAL),
             refusals=q(_REFUSALS),
             purge=tuple(q(_PURGE, table=t) for t in _TABLES[:3]),
@@ -479,6 +489,27 @@ class PostgresStore:
             return [_entry(row) for row in cur.fetchall()]
 
         return self._run(work)
+
+    # -- awaiting a run's webhook (flymy_receiver.awaiting) -------------------------------
+
+    def journal_settled(self, run_ids: Sequence[str]) -> dict[str, JournalEntry]:
+        """For each run id, its newest entry that is not ``pending``, in one query: how
+        waiters look many runs up at once."""
+        if not run_ids:
+            return {}
+        stored = {_clean(run_id): run_id for run_id in run_ids}
+
+        def work(cur: Cursor, now: float | None) -> dict[str, JournalEntry]:
+            cur.execute(self._q.journal_settled, {"runs": list(stored), "now": now})
+            # Oldest first: the newest entry of a run is the one kept.
+            return {stored.get(row[2], row[2]): _entry(row) for row in cur.fetchall()}
+
+        return self._run(work)
+
+    def notifier(self) -> PostgresNotifier:
+        """``LISTEN``/``NOTIFY`` on this database, to wake waiters in other processes
+        (:class:`flymy_receiver.awaiting.Notifier`); connects only when used."""
+        return PostgresNotifier(self)
 
     def record_refusal(self, refusal: Refusal) -> None:
         """Keep one refused delivery; the oldest go first past ``max_refusals``."""
@@ -732,6 +763,98 @@ class PostgresStore:
 
 
 _SERVER_NOW = "extract(epoch FROM now())::float8"
+
+
+class PostgresNotifier:
+    """Ended deliveries announced with ``NOTIFY`` on one channel per schema (the payload
+    is the run id); a subscriber is one dedicated connection, outside the pool, that
+    ``LISTEN``s for every waiter of its receiver."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+        self.channel = _channel(store.schema)
+
+    def __repr__(self) -> str:
+        return f"PostgresNotifier(channel={self.channel!r})"
+
+    def publish(self, run_id: str) -> None:
+        """Announce that a delivery of ``run_id`` ended (in a transaction of its own)."""
+        payload = _clean(run_id)
+        if len(payload.encode("utf-8")) > _MAX_PAYLOAD:
+            payload = ""  # too long for NOTIFY: listeners then look up every waited run
+
+        def work(cur: Cursor, now: float | None) -> None:
+            cur.execute("SELECT pg_notify(%s, %s)", (self.channel, payload))
+
+        self._store._run(work)
+
+    def subscribe(self) -> _PostgresSubscription:
+        """Connect and ``LISTEN``; return once listening."""
+        store = self._store
+        try:
+            if store._user_pool is not None:
+                pool = store._user_pool
+                # psycopg_pool 3.3 allows either to be a function that makes it.
+                info, extra = pool.conninfo, pool.kwargs
+                conninfo = info() if callable(info) else info
+                kwargs = dict((extra() if callable(extra) else extra) or {})
+            else:
+                conninfo, kwargs = store._conninfo, dict(store._connect_kwargs)
+            kwargs["autocommit"] = True
+            conn: psycopg.Connection[Any] = psycopg.connect(conninfo, **kwargs)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(store._describe(exc, None)) from None
+        subscription = _PostgresSubscription(conn, store)
+        try:
+            subscription.run(f"LISTEN {_quote(self.channel)}")
+        except BaseException:
+            subscription.close()
+            raise
+        return subscription
+
+
+class _PostgresSubscription:
+    def __init__(self, conn: psycopg.Connection[Any], store: PostgresStore) -> None:
+        self._conn = conn
+        self._store = store
+        self._arrived: list[str] = []
+        conn.add_notify_handler(lambda notify: self._arrived.append(notify.payload))
+
+    def get(self, timeout: float) -> list[str] | None:
+        if not self._arrived:
+            try:
+                readable, _, _ = select.select([self._conn.fileno()], [], [], timeout)
+            except (OSError, ValueError, psycopg.Error) as exc:
+                raise StoreUnavailable(f"postgres: {type(exc).__name__}") from None
+            if readable:
+                # Something arrived: a statement makes psycopg read it (on every version),
+                # handing each notification to the handler above.
+                self.run("SELECT 1")
+        arrived, self._arrived = self._arrived, []
+        return None if "" in arrived else arrived
+
+    def run(self, statement: str) -> None:
+        """One statement on the listening connection, bounded like every other call."""
+        conn = self._conn
+        try:
+            guard = _WATCHDOG.arm(conn.fileno(), self._store.timeout + _GRACE)
+            try:
+                conn.execute(statement)
+            finally:
+                _WATCHDOG.disarm(guard)
+        except psycopg.Error as exc:
+            raise StoreUnavailable(self._store._describe(exc, None)) from None
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _channel(schema: str) -> str:
+    """The notification channel of a schema: a name of at most 63 bytes."""
+    name = "flymy_awaiting" if schema == "public" else f"flymy_awaiting:{schema}"
+    if len(name.encode("utf-8")) > 63:
+        name = "flymy_awaiting:" + hashlib.sha256(schema.encode("utf-8")).hexdigest()[:32]
+    return name
 
 
 @dataclass

@@ -20,7 +20,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -288,6 +288,21 @@ class SQLiteStore:
                     (key_or_run_id, now),
                 ).fetchone()
         return _entry(row) if row is not None else None
+
+    def journal_settled(self, run_ids: Sequence[str]) -> dict[str, JournalEntry]:
+        """For each run id, its newest entry that is not ``pending``, in one query: how the
+        waiters of :mod:`flymy_receiver.awaiting` poll (at most 500 run ids a call)."""
+        if not run_ids:
+            return {}
+        marks = ",".join("?" * len(run_ids))
+        with self._reading() as db:
+            # Only placeholders are joined in; every run id is a parameter.
+            rows = db.execute(
+                _SELECT_ENTRIES + f"WHERE run_id IN ({marks}) AND state != 'pending' "
+                "AND expires > ? ORDER BY j.id",
+                (*run_ids, self._clock()),
+            ).fetchall()
+        return {row[2]: _entry(row) for row in rows}  # oldest first: the newest is kept
 
     def journal_list(
         self,

@@ -197,7 +197,7 @@ def test_listen_prints_control_characters_escaped(listener: tuple[int, Any]) -> 
     assert "\x07" not in log
     assert "\u202e" not in log
     assert "\r" not in log
-    assert "agent: \\x1b[31mred\\x1b]0;owned\\x07\\x0afake line\\x202e" in log
+    assert "agent: \\x1b[31mred\\x1b]0;owned\\x07\\x0afake line\\u202e" in log
     assert "run: run_\\x1b[2Jwipe" in log
     assert "error: \\x1b[1mtype: line\\x0dover" in log
 
