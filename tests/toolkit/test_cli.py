@@ -201,12 +201,13 @@ def test_an_internal_error_is_one_line_without_its_message(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from flymy_receiver import cli as cli_module
+    from flymy_receiver.cli import signing
 
     def broken(body: bytes, key: bytes) -> str:
         raise RuntimeError("a message that could hold " + KNOWN_SECRET)
 
-    monkeypatch.setattr(cli_module, "sign", broken)
-    monkeypatch.setattr(cli_module, "_stdin_bytes", lambda: b"{}")
+    monkeypatch.setattr(signing, "sign", broken)
+    monkeypatch.setattr(signing, "stdin_bytes", lambda: b"{}")
     assert cli_module.main(["sign", "--secret", KNOWN_SECRET]) == 70
     err = capsys.readouterr().err
     assert err.startswith("flymy-receiver: internal error: RuntimeError at test_cli.py:")

@@ -18,22 +18,19 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from .describe import escape_controls
-from .stores.base import JournalStore, journals
-from .stores.records import ENTRY_STATES, JournalEntry
-from .stores.urls import redacted_url
+from ..describe import escape_controls
+from ..stores.base import JournalStore, journals
+from ..stores.records import ENTRY_STATES, JournalEntry
+from ..stores.urls import redacted_url
+from .options import PROG, UsageError
 
 if TYPE_CHECKING:
-    from .receiver import Receiver
+    from ..receiver import Receiver
 
 __all__ = ["add_journal_command", "load_receiver", "printable"]
 
 _SPAN = re.compile(r"^(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class JournalUsageError(Exception):
-    """Bad usage of a journal command (reported as one line, exit code 2)."""
 
 
 def printable(value: object, limit: int = 200) -> str:
@@ -48,22 +45,22 @@ def printable(value: object, limit: int = 200) -> str:
 def load_receiver(spec: str) -> Receiver:
     """Import ``module:attribute`` (from the current directory too) and check it is a
     :class:`~flymy_receiver.Receiver`."""
-    from .receiver import Receiver
+    from ..receiver import Receiver
 
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise JournalUsageError(f"--app must be MODULE:RECEIVER, got {printable(spec)!r}")
+        raise UsageError(f"--app must be MODULE:RECEIVER, got {printable(spec)!r}")
     sys.path.insert(0, os.getcwd())  # like python -m: the user's own modules are importable
     try:
         value: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             value = getattr(value, part)
     except Exception as exc:  # the user's module may raise anything while importing
-        raise JournalUsageError(
+        raise UsageError(
             f"cannot import {printable(spec)}: {type(exc).__name__}: {printable(exc)}"
         ) from None
     if not isinstance(value, Receiver):
-        raise JournalUsageError(f"{printable(spec)} is not a flymy_receiver.Receiver")
+        raise UsageError(f"{printable(spec)} is not a flymy_receiver.Receiver")
     return value
 
 
@@ -116,14 +113,14 @@ def _store_failures_in_one_line(run: Callable[[argparse.Namespace], int]) -> Any
     """A store that cannot be reached is one line on stderr and exit 1, never a traceback."""
 
     def guarded(args: argparse.Namespace) -> int:
-        from .errors import StoreUnavailable
+        from ..errors import StoreUnavailable
 
         try:
             return run(args)
         except StoreUnavailable as exc:
             shown = redacted_url(args.store) if getattr(args, "store", None) else "the store"
             print(
-                f"{_prog()}: error: {shown} failed: {printable(exc.detail or exc, 300)}",
+                f"{PROG}: error: {shown} failed: {printable(exc.detail or exc, 300)}",
                 file=sys.stderr,
             )
             return 1
@@ -132,25 +129,25 @@ def _store_failures_in_one_line(run: Callable[[argparse.Namespace], int]) -> Any
 
 
 def _missing_subcommand(args: argparse.Namespace) -> int:
-    raise JournalUsageError("choose a journal command: list, show, replay or refusals")
+    raise UsageError("choose a journal command: list, show, replay or refusals")
 
 
 def _journal_store(args: argparse.Namespace) -> JournalStore:
     if getattr(args, "app", None):
         receiver = load_receiver(args.app)
         if receiver.journal is None:
-            raise JournalUsageError(f"{printable(args.app)} keeps no journal (journal=False?)")
+            raise UsageError(f"{printable(args.app)} keeps no journal (journal=False?)")
         return receiver.journal.store
     if not getattr(args, "store", None):
-        raise JournalUsageError("pass --store URL or --app MODULE:RECEIVER")
-    from .stores import store_from_url
+        raise UsageError("pass --store URL or --app MODULE:RECEIVER")
+    from ..stores import store_from_url
 
     try:
         store = store_from_url(args.store)
     except (ValueError, ImportError) as exc:
-        raise JournalUsageError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     if not journals(store):
-        raise JournalUsageError(f"{type(store).__name__} keeps no journal")
+        raise UsageError(f"{type(store).__name__} keeps no journal")
     return store  # type: ignore[return-value]  # checked by journals()
 
 
@@ -164,15 +161,13 @@ def _since(text: str | None) -> datetime | None:
     try:
         moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise JournalUsageError(
-            f"--since takes 2h, 3d or an ISO time, not {printable(text)!r}"
-        ) from None
+        raise UsageError(f"--since takes 2h, 3d or an ISO time, not {printable(text)!r}") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _limit(value: int) -> int:
     if not 1 <= value <= 10_000:
-        raise JournalUsageError("--limit must be between 1 and 10000")
+        raise UsageError("--limit must be between 1 and 10000")
     return value
 
 
@@ -225,7 +220,7 @@ def _show(args: argparse.Namespace) -> int:
     store = _journal_store(args)
     entry = store.journal_get(args.target)
     if entry is None:
-        print(f"{_prog()}: no journal entry for {printable(args.target)!r}", file=sys.stderr)
+        print(f"{PROG}: no journal entry for {printable(args.target)!r}", file=sys.stderr)
         return 1
     if args.json:
         data = entry.summary()
@@ -259,14 +254,14 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from .errors import EventInFlight, StoreUnavailable
+    from ..errors import EventInFlight, StoreUnavailable
 
     if not args.runs and not args.failed:
-        raise JournalUsageError("name the runs to replay, or pass --failed")
+        raise UsageError("name the runs to replay, or pass --failed")
     receiver = load_receiver(args.app)
     journal = receiver.journal
     if journal is None:
-        raise JournalUsageError(f"{printable(args.app)} keeps no journal (journal=False?)")
+        raise UsageError(f"{printable(args.app)} keeps no journal (journal=False?)")
     results: list[dict[str, Any]] = []
     failed = False
     try:
@@ -283,7 +278,7 @@ def _replay(args: argparse.Namespace) -> int:
                 continue
             results.append({"key": entry.key, "run_id": entry.run_id, "state": entry.state})
     except StoreUnavailable as exc:
-        print(f"{_prog()}: error: the store failed: {printable(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: the store failed: {printable(exc)}", file=sys.stderr)
         return 1
     failed = any(r["state"] != "handled" for r in results)
     if args.json:
@@ -316,7 +311,3 @@ def _refusals(args: argparse.Namespace) -> int:
     ]
     _table(["AT (UTC)", "STATUS", "REASON", "HINT"], rows)
     return 0
-
-
-def _prog() -> str:
-    return "flymy-receiver"
