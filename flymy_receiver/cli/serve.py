@@ -59,8 +59,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise UsageError("give --store URL, --app MODULE:RECEIVER, or both")
     devserver = _devserver()
     from ..inspector import inspector_app, receiver_over
-    from ..inspector.sources import redact_url
     from ..stores.base import journals
+    from ..stores.urls import redacted_url
 
     token = _token(args)
     store = _store(args.store) if args.store else None
@@ -76,7 +76,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise UsageError(f"the receiver {args.app} keeps no journal (journal=False, or its store)")
     if receiver is None and store is not None and not journals(store):
         raise UsageError(f"a {type(store).__name__} keeps no delivery journal")
-    label = f"store {redact_url(args.store)}" if args.store else f"app {args.app}"
+    label = f"store {redacted_url(args.store)}" if args.store else f"app {args.app}"
     if args.store and args.app:
         label += f" with the handlers of {args.app}"
     app = inspector_app(receiver, store=store, token=token, label=label)
@@ -107,13 +107,13 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _store(url: str) -> Any:
-    from ..inspector.sources import scrub
     from ..stores import store_from_url
+    from ..stores.urls import without_credentials
 
     try:
         return store_from_url(url)
     except (ValueError, ImportError) as exc:
-        raise UsageError(f"--store: {scrub(str(exc), url)}") from None
+        raise UsageError(f"--store: {without_credentials(str(exc), url)}") from None
 
 
 def _serve(

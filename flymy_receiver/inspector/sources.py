@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import builtins
 import copy
-import re
 from datetime import datetime
 from typing import Protocol
-from urllib.parse import unquote
 
 from ..journal import Journal, RefusalLog
 from ..receiver import Receiver
@@ -23,8 +21,6 @@ __all__ = [
     "JournalView",
     "StoreJournal",
     "receiver_over",
-    "redact_url",
-    "scrub",
 ]
 
 
@@ -87,26 +83,3 @@ def receiver_over(receiver: Receiver, store: Store) -> Receiver:
     clone._refusal_log = refusals
     clone.journal = Journal(clone, journal_store, refusals)
     return clone
-
-
-_USERINFO = re.compile(r"(?:^|://)([^/@\s]*)@")
-_SECRET_QUERY = re.compile(r"(?i)((?:password|passwd|pwd|token|secret)=)[^&]*")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password (``user:password@``, ``?password=``) replaced by ``***``."""
-    match = _USERINFO.search(url)
-    if match is not None and ":" in match.group(1):
-        user = match.group(1).partition(":")[0]
-        url = f"{url[: match.start(1)]}{user}:***{url[match.end(1) :]}"
-    return _SECRET_QUERY.sub(r"\1***", url)
-
-
-def scrub(text: str, url: str) -> str:
-    """``text`` (an error message about ``url``) with the URL's passwords taken out."""
-    found = [m.group(1).partition(":")[2] for m in _USERINFO.finditer(url)]
-    found += [m.group(0).partition("=")[2] for m in _SECRET_QUERY.finditer(url)]
-    found += [unquote(s) for s in found]
-    for secret in sorted({s for s in found if s}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text

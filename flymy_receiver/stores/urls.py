@@ -9,8 +9,9 @@ credentials, and so is the value of any query parameter whose name looks like on
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 
-__all__ = ["redacted_url"]
+__all__ = ["redacted_url", "without_credentials"]
 
 #: What replaces a credential.
 MASK = "***"
@@ -56,3 +57,17 @@ def _plain_authority(rest: str) -> bool:
         return ":" not in authority or authority.endswith("]") or "]:" in authority
     host, _, port = authority.rpartition(":")
     return bool(host) and port.isdigit() and port.isascii()
+
+
+def without_credentials(text: str, url: str) -> str:
+    """``text`` (say, an error message about ``url``) with the URL's credentials taken out,
+    however the message quotes them (as written or percent-decoded)."""
+    _, sep, rest = url.partition("://")
+    rest = rest if sep else url
+    userinfo = rest[: rest.rfind("@")] if "@" in rest else ""
+    found = [userinfo, userinfo.partition(":")[2]]
+    found += [m.group(0).partition("=")[2] for m in _SECRET_PARAM.finditer(rest)]
+    found += [unquote(secret) for secret in found]
+    for secret in sorted({s for s in found if len(s) >= 3}, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text

@@ -11,6 +11,7 @@ import pytest
 
 from flymy_receiver.errors import ConfigurationError
 from flymy_receiver.stores import redacted_url, store_from_url
+from flymy_receiver.stores.urls import without_credentials
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,3 +100,12 @@ def test_the_cli_never_shows_a_store_password() -> None:
     assert done.returncode == 2
     assert "--store" in done.stderr
     assert PASSWORD not in done.stdout + done.stderr
+
+
+def test_without_credentials_takes_them_out_of_messages_however_quoted() -> None:
+    url = "redis://app:hun%40ter2@cache/0"
+    message = f"cannot parse {url!r}: hun@ter2 and hun%40ter2"
+    assert "ter2" not in without_credentials(message, url)
+    query = "postgresql://db/app?password=s3cr3t&x=1"
+    assert "s3cr3t" not in without_credentials(f"bad {query}", query)
+    assert without_credentials("no credentials here", "sqlite:///x.db") == "no credentials here"
