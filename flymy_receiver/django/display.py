@@ -1,7 +1,7 @@
 """How the admin and ``manage.py flymy_journal`` show what the sender chose.
 
 A body, a run id or a handler's error text may hold terminal escapes, bidirectional
-controls or lone surrogates: shown as ``\\u001b``-style text, they are read, never
+controls or lone surrogates: shown as ``\\x1b``-style text, they are read, never
 interpreted, and never break the page's or the terminal's encoding.
 """
 
@@ -9,24 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import unicodedata
+
+from ..describe import escape_controls
 
 __all__ = ["pretty_body", "printable"]
 
-_HIDDEN = ("Cc", "Cf", "Cs", "Co", "Cn")
-
 
 def printable(text: str, *, newlines: bool = False) -> str:
-    """``text`` with every control, format or surrogate character written as ``\\uXXXX``
-    (``newlines`` keeps line breaks and tabs, for tracebacks and pretty-printed bodies)."""
-    if text.isprintable():
-        return text
-    kept = "\n\t" if newlines else ""
-    return "".join(
-        ch
-        if ch in kept or ch == " " or unicodedata.category(ch) not in _HIDDEN
-        else f"\\u{ord(ch):04x}"
-        for ch in text
+    """``text`` with every control, format or surrogate character written as an escape
+    (``\\x1b``), as the command line shows them (``newlines`` keeps line breaks and tabs,
+    for tracebacks and pretty-printed bodies)."""
+    if text.isprintable() or not newlines:
+        return escape_controls(text)
+    return "\n".join(
+        "\t".join(escape_controls(part) for part in line.split("\t")) for line in text.split("\n")
     )
 
 

@@ -114,7 +114,7 @@ def test_the_detail_escapes_the_body_and_shows_each_outcome(client: Any, deliver
     assert "&lt;script&gt;alert(" in text
     assert "<script>alert(" not in text
     assert "\x1b" not in text
-    assert "\\u001b[31m" in text  # the terminal escape shown as text
+    assert "\\u001b[31m" in text  # the terminal escape shown as (JSON-escaped) text
     assert '"run_id": "run_fine"' in text.replace("&quot;", '"')  # pretty-printed
     assert 'name="_save"' not in text  # read-only
 

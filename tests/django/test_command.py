@@ -78,7 +78,7 @@ def test_show_prints_outcomes_tracebacks_and_the_body_without_terminal_escapes(
     assert '"run_id": "run_bad_1"' in text
     assert "\x1b" not in text
     assert "\x07" not in text
-    assert "\\u001b]0;title\\u0007" in text
+    assert "\\u001b]0;title\\u0007" in text  # JSON-escaped in the pretty body
     data = json.loads(run("show", "run_bad_1", "--json"))
     assert data["state"] == "failed"
     assert json.loads(data["body"])["data"]["run_id"] == "run_bad_1"
