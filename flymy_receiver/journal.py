@@ -21,7 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from .errors import EventInFlight, StoreUnavailable
+from .errors import ConfigurationError, EventInFlight, StoreUnavailable
 from .stores.base import JournalStore
 from .stores.records import HandlerOutcome, JournalEntry, Refusal
 
@@ -48,12 +48,18 @@ class Journal:
 
     Reads go straight to the store; :meth:`replay` runs the receiver's delivery plan over
     the stored body, so a replay and a sender's retry take the same claim and never both run
-    a handler.
+    a handler. ``Journal(store)`` alone reads a journal (say, a production store from a
+    laptop); replaying needs the receiver whose handlers it runs.
     """
 
-    def __init__(self, receiver: Receiver, store: JournalStore, refusals: RefusalLog) -> None:
-        self._receiver = receiver
+    def __init__(
+        self,
+        store: JournalStore,
+        receiver: Receiver | None = None,
+        refusals: RefusalLog | None = None,
+    ) -> None:
         self.store = store
+        self.receiver = receiver
         self._refusals = refusals
 
     def __repr__(self) -> str:
@@ -86,10 +92,12 @@ class Journal:
         :class:`~flymy_receiver.errors.EventInFlight` while a delivery or another replay
         holds it, :class:`~flymy_receiver.errors.StoreUnavailable` when the store fails.
         """
+        if self.receiver is None:
+            raise ConfigurationError("replaying needs the receiver whose handlers it runs")
         entry = self.get(key_or_run_id)
         if entry is None:
             raise KeyError(f"no journal entry for {str(key_or_run_id)[:200]!r}")
-        response = self._receiver._replay(entry, force=force)
+        response = self.receiver._replay(entry, force=force)
         if response.status == EventInFlight.status:
             raise EventInFlight(f"key {entry.key[:200]!r} is being handled")
         if response.status == StoreUnavailable.status:
@@ -119,7 +127,8 @@ class Journal:
 
     def refusals(self, limit: int = 100) -> builtins.list[Refusal]:
         """Refused deliveries, newest first (no bodies)."""
-        self._refusals.flush()
+        if self._refusals is not None:
+            self._refusals.flush()
         return self.store.refusals(limit)
 
 

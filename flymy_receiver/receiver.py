@@ -232,7 +232,7 @@ class Receiver(Router):
         if journal and journals(self.store):
             journal_store = _as_journal_store(self.store)
             self._refusal_log = RefusalLog(journal_store)
-            self.journal = Journal(self, journal_store, self._refusal_log)
+            self.journal = Journal(journal_store, self, self._refusal_log)
         #: The calls waiting for runs' webhooks (:meth:`wait_for`, :meth:`results`).
         self.waiters = Waiters(self.store, self.journal.store if self.journal else None)
 

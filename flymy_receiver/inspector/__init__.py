@@ -21,11 +21,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from .access import AccessGuard, check_bind
 from .app import inspector_app
-from .sources import StoreJournal, receiver_over
+from .sources import receiver_over
 
 __all__ = [
     "AccessGuard",
-    "StoreJournal",
     "check_bind",
     "inspector_app",
     "receiver_over",

@@ -31,13 +31,13 @@ from starlette.staticfiles import StaticFiles
 from ..bodies import aread_limited
 from ..errors import EventInFlight, MalformedEvent
 from ..events import UnknownEvent
+from ..journal import Journal
 from ..receiver import Receiver
 from ..receiver import Response as ReceiverResponse
 from ..signature import SIGNATURE_HEADER, sign
 from ..stores.base import JournalStore, Store, journals
 from ..stores.records import ENTRY_STATES, JournalEntry
 from .access import AccessGuard, new_csrf_token, same_token
-from .sources import JournalView, StoreJournal
 
 __all__ = ["BODY_SHOWN", "Deliver", "inspector_app"]
 
@@ -78,13 +78,13 @@ def inspector_app(
     """
     if receiver is None and store is None:
         raise ValueError("give the inspector a receiver or a store")
-    journal: JournalView | None
+    journal: Journal | None
     if receiver is not None:
         journal = receiver.journal
         store = receiver.store
     elif store is not None and journals(store):
         journal_store: JournalStore = store  # type: ignore[assignment]  # checked just above
-        journal = StoreJournal(journal_store)
+        journal = Journal(journal_store)
     else:
         journal = None
     inspector = _Inspector(
@@ -116,7 +116,7 @@ class _Inspector:
     def __init__(
         self,
         *,
-        journal: JournalView | None,
+        journal: Journal | None,
         receiver: Receiver | None,
         label: str,
         webhook_path: str | None,

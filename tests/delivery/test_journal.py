@@ -274,3 +274,19 @@ def test_a_cancelled_async_delivery_gives_its_claim_back(backend: Backend) -> No
 
     assert asyncio.run(scenario()) == 200
     assert runs == ["run_cancelled", "run_cancelled"]
+
+
+def test_a_journal_over_a_bare_store_reads_but_cannot_replay() -> None:
+    from flymy_receiver import ConfigurationError
+
+    store = MemoryStore()
+    receiver = Receiver(SECRET, store=store)
+    receiver.on("run.completed")(lambda event: None)
+    assert receiver.handle(*_request(run_id="run_read_only")).status == 200
+    reader = Journal(store)
+    entry = reader.get("run_read_only")
+    assert entry is not None
+    assert entry.state == "handled"
+    assert [e.run_id for e in reader.list()] == ["run_read_only"]
+    with pytest.raises(ConfigurationError, match="needs the receiver"):
+        reader.replay("run_read_only")
