@@ -54,7 +54,12 @@ def read_headers(headers: Headers | None) -> tuple[list[Any], str, int | None]:
     if headers is None:
         return signatures, encoding, length
     try:
-        items: Iterable[Any] = headers.items() if isinstance(headers, Mapping) else headers
+        # A dict or a list first: the Mapping check is an ABC lookup, slow for what it is.
+        container = type(headers)
+        if container is dict or (container is not list and isinstance(headers, Mapping)):
+            items: Iterable[Any] = headers.items()  # type: ignore[union-attr]
+        else:
+            items = headers
         pairs = iter(items)
     except Exception:  # not a mapping nor an iterable: no header we read
         return signatures, encoding, length

@@ -91,8 +91,6 @@ class Response:
 
 _RECEIVED = Response(200, b'{"received":true}', _JSON)
 _DUPLICATE = Response(200, b'{"received":true,"duplicate":true}', _JSON)
-#: The answers of a delivery whose handlers have finished (or that no handler wanted).
-_ENDED = frozenset({200, HandlerFailed.status})
 
 
 def _refusal(error: WebhookError, retry_after: float | None = None) -> Response:
@@ -120,6 +118,7 @@ class _Delivery:
     event: AnyEvent
     raw: Any
     key: str
+    run_id: str | None
     handlers: list[Handler]
     entry: NewEntry | None = None
     replay: bool = False
@@ -152,15 +151,6 @@ class _HandlerCall:
 
 _Action = _StoreCall | _HandlerCall
 _Plan = Generator[_Action, Any, Response]
-
-
-def _advance(plan: _Plan, result: Any, error: Exception | None = None) -> _Action | Response:
-    """Give the plan the outcome of its last step; get its next step, or its answer."""
-    try:
-        return plan.throw(error) if error is not None else plan.send(result)
-    except StopIteration as stop:
-        response: Response = stop.value
-        return response
 
 
 class Receiver(Router):
@@ -254,20 +244,23 @@ class Receiver(Router):
     def _run(self, delivery: _Delivery) -> Response:
         """The plain driver of the plan: every step is a direct call."""
         plan = self._deliver(delivery)
-        step = _advance(plan, None)
-        while not isinstance(step, Response):
-            try:
-                if isinstance(step, _StoreCall):
-                    result = step()
-                elif step.handler.is_async:
-                    result = run_coroutine(step.handler.func(step.event))
+        try:  # the plan's answer arrives as StopIteration
+            step = plan.send(None)
+            while True:
+                try:
+                    if isinstance(step, _StoreCall):
+                        result = step()
+                    elif step.handler.is_async:
+                        result = run_coroutine(step.handler.func(step.event))
+                    else:
+                        result = step.handler.func(step.event)
+                except Exception as exc:  # handed to the plan, which decides
+                    step = plan.throw(exc)
                 else:
-                    result = step.handler.func(step.event)
-            except Exception as exc:  # handed to the plan, which decides
-                step = _advance(plan, None, exc)
-            else:
-                step = _advance(plan, result)
-        return step
+                    step = plan.send(result)
+        except StopIteration as stop:
+            response: Response = stop.value
+            return response
 
     async def ahandle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
         """The async twin of :meth:`handle`: awaits async handlers, runs sync handlers and
@@ -282,9 +275,9 @@ class Receiver(Router):
             # properly in its thread, so no claim is left behind.
             return await asyncio.to_thread(self._run, delivery)
         plan = self._deliver(delivery)
-        step = _advance(plan, None)
         try:
-            while not isinstance(step, Response):
+            step = plan.send(None)
+            while True:
                 try:
                     if isinstance(step, _StoreCall):
                         result = await asyncio.to_thread(step) if offload_store else step()
@@ -293,9 +286,12 @@ class Receiver(Router):
                     else:
                         result = await asyncio.to_thread(step.handler.func, step.event)
                 except Exception as exc:  # handed to the plan, which decides
-                    step = _advance(plan, None, exc)
+                    step = plan.throw(exc)
                 else:
-                    step = _advance(plan, result)
+                    step = plan.send(result)
+        except StopIteration as stop:  # the plan's answer
+            response: Response = stop.value
+            return response
         except BaseException:
             # Cancelled (the client went away, a timeout): give the claim back now, so the
             # sender's retry is not refused for a whole lease. It cannot be awaited here.
@@ -303,7 +299,6 @@ class Receiver(Router):
                 store, key, token = self.store, delivery.key, delivery.held
                 _in_background(lambda: store.release(key, token))
             raise
-        return step
 
     async def wait_for(self, run_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> AnyEvent:
         """The event of run ``run_id`` once a delivery of it ended after its handlers ran
@@ -374,41 +369,37 @@ class Receiver(Router):
             self._note_refusal(exc)
             return _refusal(exc)
         handlers = self.handlers_for(event)
+        run_id = _run_id(event)
         if not handlers:
-            logger.debug("no handler for %s (run %s)", event.event, _run_id(event))
+            logger.debug("no handler for %s (run %s)", event.event, run_id)
             if self.journal is None:
                 return _RECEIVED
         try:
-            key = self._key_for(event, body)
+            key = self._key_for(event, run_id, body)
         except Exception as exc:  # a custom idempotency_key is user code: it must not escape
             logger.error(
-                "idempotency_key failed for %s (run %s)", event.event, _run_id(event), exc_info=exc
+                "idempotency_key failed for %s (run %s)", event.event, run_id, exc_info=exc
             )
             return _refusal(HandlerFailed(code="idempotency_key_failed"))
         entry = None
         if self.journal is not None:
-            entry = self._new_entry(event, key, body, secret_index)
-        return _Delivery(event, raw, key, handlers, entry)
+            entry = self._new_entry(event, key, run_id, body, secret_index)
+        return _Delivery(event, raw, key, run_id, handlers, entry)
 
-    def _new_entry(self, event: AnyEvent, key: str, body: bytes, secret_index: int) -> NewEntry:
+    def _new_entry(
+        self, event: AnyEvent, key: str, run_id: str | None, body: bytes, secret_index: int
+    ) -> NewEntry:
         if isinstance(event, UnknownEvent):
             agent_id, agent_name = event.data.get("agent_id"), event.data.get("agent_name")
             agent_id = agent_id if isinstance(agent_id, str) else None
             agent_name = agent_name if isinstance(agent_name, str) else None
         else:
             agent_id, agent_name = event.data.agent_id, event.data.agent_name
-        # What the receiver read; the signature itself is never kept (it is the expected one).
+        # The body itself, not a copy. Of the headers, what the receiver read: the signature
+        # is never kept (it is the expected one).
         headers = self._entry_headers[secret_index]
-        return NewEntry(
-            key=key,
-            event=event.event,
-            run_id=_run_id(event),
-            agent_id=agent_id,
-            agent_name=agent_name,
-            body=body,
-            headers=headers,
-            retention=self._journal_retention_s,
-        )
+        retention = self._journal_retention_s
+        return NewEntry(key, event.event, run_id, agent_id, agent_name, body, headers, retention)
 
     def _note_refusal(self, error: WebhookError) -> None:
         if self._refusal_log is not None:
@@ -418,14 +409,15 @@ class Receiver(Router):
         """Deliver a journal entry again through the same plan (see Journal.replay)."""
         event, raw = _events.parse_event(entry.body)  # authenticated when it arrived
         skip = frozenset() if force else frozenset(n for n, o in entry.handlers.items() if o.ok)
+        handlers = self.handlers_for(event)
         delivery = _Delivery(
-            event, raw, entry.key, self.handlers_for(event), replay=True, force=force, skip=skip
+            event, raw, entry.key, _run_id(event), handlers, replay=True, force=force, skip=skip
         )
         return self._run(delivery)
 
     def _check_request(self, headers: Headers, method: str) -> list[Any]:
         """Method, encoding and declared length; returns the signature header lines."""
-        if not isinstance(method, str) or method.upper() != "POST":
+        if not isinstance(method, str) or (method != "POST" and method.upper() != "POST"):
             shown = method[:16] if isinstance(method, str) else type(method).__name__
             raise MethodNotAllowed(f"method {shown!r}")
         signatures, encoding, length = read_headers(headers)
@@ -442,14 +434,6 @@ class Receiver(Router):
         outcome. A replay runs this same plan over a stored body. Once the handlers have
         finished (or no handler wanted the event), the run's waiters are told.
         """
-        response = yield from self._claim_and_dispatch(d)
-        if response.status in _ENDED:
-            announce = self.waiters.delivered(_run_id(d.event), d.event)
-            if announce is not None:  # other processes are told like a store call
-                yield _StoreCall(announce, ())
-        return response
-
-    def _claim_and_dispatch(self, d: _Delivery) -> _Plan:
         store = self.store
         journal = self.journal is not None
         if not d.handlers and d.entry is not None:
@@ -457,7 +441,7 @@ class Receiver(Router):
                 yield _StoreCall(_as_journal_store(store).journal_ignore, (d.entry,))
             except Exception as exc:
                 logger.warning("could not journal ignored event %s: %r", d.key[:200], exc)
-            return _RECEIVED
+            return (yield from self._ended(d, _RECEIVED))
         try:
             if journal:
                 claim: Claim = yield _StoreCall(
@@ -470,8 +454,8 @@ class Receiver(Router):
         except Exception as exc:
             return self._store_failed(exc, d, "claim")
         if claim.state is ClaimState.DONE:
-            logger.info("duplicate of %s (run %s) acknowledged", d.event.event, _run_id(d.event))
-            return _DUPLICATE
+            logger.info("duplicate of %s (run %s) acknowledged", d.event.event, d.run_id)
+            return (yield from self._ended(d, _DUPLICATE))
         if claim.state is ClaimState.BUSY:
             error = EventInFlight(f"key {d.key!r}")
             _log_refusal(error, d.event, level=logging.INFO)
@@ -503,7 +487,7 @@ class Receiver(Router):
                 except Exception as release_exc:  # the lease will expire on its own
                     logger.warning("could not release the claim on %s: %r", d.key, release_exc)
                 d.held = ""
-                return _refusal(HandlerFailed())
+                return (yield from self._ended(d, _refusal(HandlerFailed())))
             outcome = recorded
             if outcome is None and outcomes is not None:
                 outcome = HandlerOutcome(ok=True, at=time.time())
@@ -525,7 +509,15 @@ class Receiver(Router):
         except Exception as exc:
             return self._store_failed(exc, d, "record")
         d.held = ""
-        return _RECEIVED
+        return (yield from self._ended(d, _RECEIVED))
+
+    def _ended(self, d: _Delivery, response: Response) -> _Plan:
+        """The handlers have finished (or no handler wanted the event): tell the run's
+        waiters, then answer ``response``."""
+        announce = self.waiters.delivered(d.run_id, d.event)
+        if announce is not None:  # other processes are told like a store call
+            yield _StoreCall(announce, ())
+        return response
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -543,11 +535,10 @@ class Receiver(Router):
                 code="from_the_future",
             )
 
-    def _key_for(self, event: AnyEvent, body: bytes) -> str:
+    def _key_for(self, event: AnyEvent, run_id: str | None, body: bytes) -> str:
         if self._idempotency_key is not None:
             key = str(self._idempotency_key(event))
         else:
-            run_id = _run_id(event)
             if run_id is None:  # an unknown event without a run id: its exact bytes identify it
                 return f"{event.event[:64]}:sha256:{hashlib.sha256(body).hexdigest()}"
             key = f"{event.event}:{run_id}"

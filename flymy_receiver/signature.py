@@ -187,9 +187,12 @@ def match_signature(body: bytes, candidates: Sequence[bytes], keys: Sequence[byt
     Returns the index of the matching key; raises :class:`InvalidSignature` when none matches.
     """
     for index, key in enumerate(keys):
-        mac = _keyed_hmac(key).copy()
-        mac.update(body)
-        expected = mac.hexdigest().encode("ascii")
+        inner, outer = _keyed_states(key)
+        inner = inner.copy()
+        inner.update(body)
+        outer = outer.copy()
+        outer.update(inner.digest())
+        expected = outer.hexdigest().encode("ascii")
         for candidate in candidates:
             if hmac.compare_digest(expected, candidate):
                 return index
@@ -197,10 +200,21 @@ def match_signature(body: bytes, candidates: Sequence[bytes], keys: Sequence[byt
 
 
 @functools.lru_cache(maxsize=64)
-def _keyed_hmac(key: bytes) -> hmac.HMAC:
-    # The key schedule costs about as much as hashing 1 KB: compute it once per key and
-    # copy the keyed state for each body (the copy is never updated in place).
-    return hmac.new(key, digestmod=hashlib.sha256)
+def _keyed_states(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256 (RFC 2104) as two SHA-256 states keyed once: the key schedule costs about
+    as much as hashing 1 KB, and ``hmac.HMAC``'s Python layer about 1 µs more per body
+    than copying and updating these directly (they are copied, never updated in place)."""
+    if len(key) > _BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_BLOCK, b"\0")
+    inner = hashlib.sha256(key.translate(_IPAD))
+    outer = hashlib.sha256(key.translate(_OPAD))
+    return inner, outer
+
+
+_BLOCK = 64  # SHA-256's block size in bytes
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
 #: Hints are only computed for bodies up to this size, so forged requests stay cheap.

@@ -63,7 +63,9 @@ class ClaimState(enum.Enum):
     BUSY = "busy"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per delivery, and a frozen dataclass's __init__ costs about three
+# times more (0.6 µs). Treat it as a value all the same.
+@dataclass(slots=True)
 class Claim:
     """What :meth:`Store.claim` found. ``token`` identifies an acquired claim."""
 

@@ -7,10 +7,9 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
 
 from .base import Claim, ClaimState
 from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal, to_datetime
@@ -61,17 +60,22 @@ class MemoryStore:
         self._clock = clock if clock is not None else time.monotonic
         # Journal times are shown to people, so they come from the wall clock.
         self._wall = clock if clock is not None else time.time
+        # Bounded by dropping the oldest: OrderedDicts, whose oldest item is found at once
+        # (a dict's first live item is found by scanning past the deleted ones, which cost
+        # 25 µs per delivery at 100,000 entries).
         # key -> the entry; insertion order is arrival order (oldest first).
-        self._journal: dict[str, _Kept] = {}
+        self._journal: OrderedDict[str, _Kept] = OrderedDict()
         self._by_run: dict[str, str] = {}  # run id -> key of its newest entry
         self._refusals: deque[Refusal] = deque(maxlen=max_refusals)
-        # Three plain dicts rather than one of record objects: a handled event is a str ->
-        # float entry, which the garbage collector never has to walk.
-        self._done: dict[str, float] = {}  # key -> end of retention
+        # Three mappings rather than one of record objects: a handled event is a str ->
+        # float entry, not an object for the garbage collector to walk.
+        self._done: OrderedDict[str, float] = OrderedDict()  # key -> end of retention
         self._claims: dict[str, tuple[str, float]] = {}  # key -> (token, end of lease)
-        self._handlers: dict[str, tuple[float, set[str]]] = {}  # key -> (expiry, names)
+        # key -> (expiry, names)
+        self._handlers: OrderedDict[str, tuple[float, set[str]]] = OrderedDict()
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
+        self._pid: int | None = None  # the default store's builder, to notice a fork
 
     def __len__(self) -> int:
         return len(self._done) + len(self._claims.keys() | self._handlers.keys())
@@ -89,6 +93,8 @@ class MemoryStore:
         force: bool = False,
     ) -> Claim:
         """Take ``key`` for ``lease`` seconds unless it is done or held by a live claim."""
+        if self._pid is not None and self._pid != os.getpid():  # the default store only
+            self._forked()
         now = self._clock()
         with self._lock:
             claim = self._claim(key, lease, now, force)
@@ -132,7 +138,7 @@ class MemoryStore:
             names.add(handler)
             self._handlers[key] = (max(expires, now + ttl), names)
             while len(self._handlers) > self.max_entries:
-                del self._handlers[next(iter(self._handlers))]
+                self._handlers.popitem(last=False)
 
     def complete(
         self, key: str, token: str, ttl: float, outcomes: Mapping[str, HandlerOutcome] | None = None
@@ -147,7 +153,7 @@ class MemoryStore:
             self._done.pop(key, None)  # re-inserted last, so eviction stays oldest-first
             self._done[key] = now + ttl
             while len(self._done) > self.max_entries:
-                del self._done[next(iter(self._done))]
+                self._done.popitem(last=False)
 
     def release(
         self, key: str, token: str, outcomes: Mapping[str, HandlerOutcome] | None = None
@@ -266,6 +272,13 @@ class MemoryStore:
             return frozenset()
         return frozenset(record[1])
 
+    def _forked(self) -> None:
+        parent, self._pid = self._pid, os.getpid()
+        warn_if_several_processes(
+            f"this process (pid {self._pid}) was forked from the one that built the "
+            f"receiver (pid {parent}), as a pre-forking server does with a preloaded app"
+        )
+
     def _drop_expired_claims(self, now: float) -> None:
         # Claims are few (one per delivery in progress) unless workers keep dying mid-handler.
         for key in [k for k, (_, until) in self._claims.items() if until <= now]:
@@ -308,16 +321,7 @@ class _DefaultMemoryStore(MemoryStore):
 
     def __init__(self) -> None:
         super().__init__()
-        self._pid = os.getpid()
-
-    def claim(self, *args: Any, **kwargs: Any) -> Claim:
-        if self._pid != os.getpid():  # one int comparison per delivery
-            parent, self._pid = self._pid, os.getpid()
-            warn_if_several_processes(
-                f"this process (pid {self._pid}) was forked from the one that built the "
-                f"receiver (pid {parent}), as a pre-forking server does with a preloaded app"
-            )
-        return super().claim(*args, **kwargs)
+        self._pid = os.getpid()  # checked by claim(): one int comparison per delivery
 
 
 _warned_pid: int | None = None
