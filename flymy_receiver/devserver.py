@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .inspector import inspector_app
 from .inspector.access import check_bind
 from .receiver import Receiver
-from .receiver import Response as ReceiverResponse
+from .responses import Response as ReceiverResponse
 from .starlette import route
 from .stores.base import Store
 from .testing import DEFAULT_PATH

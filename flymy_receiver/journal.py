@@ -22,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError, EventInFlight, StoreUnavailable
+from .rationing import TokenBucket
 from .stores.base import JournalStore
 from .stores.records import HandlerOutcome, JournalEntry, Refusal
 
@@ -149,8 +150,7 @@ class RefusalLog:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
-        self._per_second, self._burst, self._clock = per_second, burst, clock
-        self._tokens, self._last = float(burst), clock()
+        self._budget = TokenBucket(per_second, burst, clock)
         self._skipped = 0
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -160,13 +160,9 @@ class RefusalLog:
     def note(self, status: int, reason: str, detail: str = "") -> None:
         """Record one refusal if the budget allows; never raises."""
         with self._lock:
-            now = self._clock()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._per_second)
-            self._last = now
-            if self._tokens < 1:
+            if not self._budget.take():
                 self._skipped += 1
                 return
-            self._tokens -= 1
             skipped, self._skipped = self._skipped, 0
         if skipped:
             detail = f"{detail} (+{skipped} earlier refusals not recorded)".lstrip()

@@ -18,13 +18,11 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
-
-import orjson
 
 from . import events as _events
 from .awaiting import DEFAULT_TIMEOUT, Waiters
@@ -43,6 +41,8 @@ from .errors import (
 from .events import RunCompleted, RunFailed, UnknownEvent
 from .headers import READ_HEADERS, Headers, read_headers
 from .journal import DEFAULT_JOURNAL_RETENTION, Journal, RefusalLog
+from .rationing import TokenBucket
+from .responses import DUPLICATE, RECEIVED, Response, refusal
 from .routing import Handler, OutputMismatch, Router, run_coroutine
 from .signature import (
     SIGNATURE_HEADER,
@@ -70,40 +70,8 @@ DEFAULT_LEASE = timedelta(minutes=5)
 
 AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
 
-# Read-only: the common responses below share it.
-_JSON: Mapping[str, str] = MappingProxyType({"Content-Type": "application/json"})
 #: Longer idempotency keys are replaced by a digest of themselves.
 _MAX_KEY_LENGTH = 200
-
-
-@dataclass(frozen=True, slots=True)
-class Response:
-    """What to answer the sender: a status, a JSON body and headers."""
-
-    status: int
-    body: bytes
-    headers: Mapping[str, str] = field(default_factory=lambda: dict(_JSON))
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.status < 300
-
-
-_RECEIVED = Response(200, b'{"received":true}', _JSON)
-_DUPLICATE = Response(200, b'{"received":true,"duplicate":true}', _JSON)
-
-
-def _refusal(error: WebhookError, retry_after: float | None = None) -> Response:
-    headers = dict(_JSON)
-    if isinstance(error, MethodNotAllowed):
-        headers["Allow"] = "POST"
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
-    message = error.public_message
-    if error.status == 400 and error.detail:
-        message = f"{message}: {error.detail}"  # field names only, never input values
-    body = b'{"error":' + orjson.dumps(message) + b"}"
-    return Response(error.status, body, headers)
 
 
 @dataclass(slots=True)
@@ -205,7 +173,7 @@ class Receiver(Router):
         self._max_skew_s = max_clock_skew.total_seconds()
         self._lease_s = lease.total_seconds()
         self._retention_s = retention.total_seconds()
-        self._hint_budget = _Budget(per_second=1.0, burst=10)
+        self._hint_budget = TokenBucket(per_second=1.0, burst=10)
         if journal_retention <= timedelta(0):
             raise ValueError("journal_retention must be positive")
         self.journal_retention = journal_retention
@@ -323,9 +291,9 @@ class Receiver(Router):
         try:
             self._check_request(headers, method)
         except WebhookError as exc:
-            _log_refusal(exc, None)
-            self._note_refusal(exc)
-            return _refusal(exc)
+            _logrefusal(exc, None)
+            self._noterefusal(exc)
+            return refusal(exc)
         return None
 
     def verify(self, body: bytes, headers: Headers) -> int:
@@ -365,22 +333,22 @@ class Receiver(Router):
             event, raw = _events.parse_event(body)
             self._check_window(event)
         except WebhookError as exc:
-            _log_refusal(exc, event)
-            self._note_refusal(exc)
-            return _refusal(exc)
+            _logrefusal(exc, event)
+            self._noterefusal(exc)
+            return refusal(exc)
         handlers = self.handlers_for(event)
         run_id = _run_id(event)
         if not handlers:
             logger.debug("no handler for %s (run %s)", event.event, run_id)
             if self.journal is None:
-                return _RECEIVED
+                return RECEIVED
         try:
             key = self._key_for(event, run_id, body)
         except Exception as exc:  # a custom idempotency_key is user code: it must not escape
             logger.error(
                 "idempotency_key failed for %s (run %s)", event.event, run_id, exc_info=exc
             )
-            return _refusal(HandlerFailed(code="idempotency_key_failed"))
+            return refusal(HandlerFailed(code="idempotency_key_failed"))
         entry = None
         if self.journal is not None:
             entry = self._new_entry(event, key, run_id, body, secret_index)
@@ -401,7 +369,7 @@ class Receiver(Router):
         retention = self._journal_retention_s
         return NewEntry(key, event.event, run_id, agent_id, agent_name, body, headers, retention)
 
-    def _note_refusal(self, error: WebhookError) -> None:
+    def _noterefusal(self, error: WebhookError) -> None:
         if self._refusal_log is not None:
             self._refusal_log.note(error.status, error.code, error.detail)
 
@@ -441,7 +409,7 @@ class Receiver(Router):
                 yield _StoreCall(_as_journal_store(store).journal_ignore, (d.entry,))
             except Exception as exc:
                 logger.warning("could not journal ignored event %s: %r", d.key[:200], exc)
-            return (yield from self._ended(d, _RECEIVED))
+            return (yield from self._ended(d, RECEIVED))
         try:
             if journal:
                 claim: Claim = yield _StoreCall(
@@ -455,11 +423,11 @@ class Receiver(Router):
             return self._store_failed(exc, d, "claim")
         if claim.state is ClaimState.DONE:
             logger.info("duplicate of %s (run %s) acknowledged", d.event.event, d.run_id)
-            return (yield from self._ended(d, _DUPLICATE))
+            return (yield from self._ended(d, DUPLICATE))
         if claim.state is ClaimState.BUSY:
             error = EventInFlight(f"key {d.key!r}")
-            _log_refusal(error, d.event, level=logging.INFO)
-            return _refusal(error, retry_after=min(claim.retry_after, 60.0))
+            _logrefusal(error, d.event, level=logging.INFO)
+            return refusal(error, retry_after=min(claim.retry_after, 60.0))
         token = d.held = claim.token
         outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
         for handler in d.handlers:
@@ -487,7 +455,7 @@ class Receiver(Router):
                 except Exception as release_exc:  # the lease will expire on its own
                     logger.warning("could not release the claim on %s: %r", d.key, release_exc)
                 d.held = ""
-                return (yield from self._ended(d, _refusal(HandlerFailed())))
+                return (yield from self._ended(d, refusal(HandlerFailed())))
             outcome = recorded
             if outcome is None and outcomes is not None:
                 outcome = HandlerOutcome(ok=True, at=time.time())
@@ -509,7 +477,7 @@ class Receiver(Router):
         except Exception as exc:
             return self._store_failed(exc, d, "record")
         d.held = ""
-        return (yield from self._ended(d, _RECEIVED))
+        return (yield from self._ended(d, RECEIVED))
 
     def _ended(self, d: _Delivery, response: Response) -> _Plan:
         """The handlers have finished (or no handler wanted the event): tell the run's
@@ -561,7 +529,7 @@ class Receiver(Router):
             error.detail or type(exc).__name__,
             extra={"flymy_reason": error.code, "flymy_status": error.status},
         )
-        return _refusal(error, retry_after=5)
+        return refusal(error, retry_after=5)
 
     def _log_handler_failure(self, handler: Handler, d: _Delivery, exc: Exception) -> None:
         extra: dict[str, Any] = {
@@ -612,7 +580,7 @@ def _run_id(event: AnyEvent | None) -> str | None:
     return event.data.run_id
 
 
-def _log_refusal(error: WebhookError, event: AnyEvent | None, level: int = logging.WARNING) -> None:
+def _logrefusal(error: WebhookError, event: AnyEvent | None, level: int = logging.WARNING) -> None:
     logger.log(
         level,
         "refused delivery: reason=%s status=%d event=%s run_id=%s%s",
@@ -623,29 +591,6 @@ def _log_refusal(error: WebhookError, event: AnyEvent | None, level: int = loggi
         f" ({error.detail})" if error.detail else "",
         extra={"flymy_reason": error.code, "flymy_status": error.status},
     )
-
-
-class _Budget:
-    """A token bucket: ``take()`` is true at most ``burst`` times at once, then
-    ``per_second``. It rations the costly part of bad-signature hints, so that a flood of
-    forged requests costs no more than an HMAC each."""
-
-    __slots__ = ("_clock", "_last", "_per_second", "_tokens", "burst")
-
-    def __init__(
-        self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self._per_second, self.burst, self._clock = per_second, burst, clock
-        self._tokens, self._last = float(burst), clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self._per_second)
-        self._last = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 def _as_journal_store(store: Store) -> JournalStore:
