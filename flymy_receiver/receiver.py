@@ -291,8 +291,8 @@ class Receiver(Router):
         try:
             self._check_request(headers, method)
         except WebhookError as exc:
-            _logrefusal(exc, None)
-            self._noterefusal(exc)
+            _log_refusal(exc, None)
+            self._note_refusal(exc)
             return refusal(exc)
         return None
 
@@ -333,8 +333,8 @@ class Receiver(Router):
             event, raw = _events.parse_event(body)
             self._check_window(event)
         except WebhookError as exc:
-            _logrefusal(exc, event)
-            self._noterefusal(exc)
+            _log_refusal(exc, event)
+            self._note_refusal(exc)
             return refusal(exc)
         handlers = self.handlers_for(event)
         run_id = _run_id(event)
@@ -369,7 +369,7 @@ class Receiver(Router):
         retention = self._journal_retention_s
         return NewEntry(key, event.event, run_id, agent_id, agent_name, body, headers, retention)
 
-    def _noterefusal(self, error: WebhookError) -> None:
+    def _note_refusal(self, error: WebhookError) -> None:
         if self._refusal_log is not None:
             self._refusal_log.note(error.status, error.code, error.detail)
 
@@ -426,7 +426,7 @@ class Receiver(Router):
             return (yield from self._ended(d, DUPLICATE))
         if claim.state is ClaimState.BUSY:
             error = EventInFlight(f"key {d.key!r}")
-            _logrefusal(error, d.event, level=logging.INFO)
+            _log_refusal(error, d.event, level=logging.INFO)
             return refusal(error, retry_after=min(claim.retry_after, 60.0))
         token = d.held = claim.token
         outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
@@ -580,7 +580,7 @@ def _run_id(event: AnyEvent | None) -> str | None:
     return event.data.run_id
 
 
-def _logrefusal(error: WebhookError, event: AnyEvent | None, level: int = logging.WARNING) -> None:
+def _log_refusal(error: WebhookError, event: AnyEvent | None, level: int = logging.WARNING) -> None:
     logger.log(
         level,
         "refused delivery: reason=%s status=%d event=%s run_id=%s%s",
