@@ -154,6 +154,15 @@ def test_a_missing_extra_names_the_extra_to_install() -> None:
 # -- listen ----------------------------------------------------------------------------
 
 
+def _printed(proc: Any, text: str) -> bool:
+    """Whether ``proc`` prints ``text`` soon: its port may accept a moment before its banner."""
+    for _ in range(100):
+        if text in server_log(proc):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @pytest.fixture(scope="module")
 def listener() -> Iterator[tuple[int, Any]]:
     port = free_port()
@@ -165,7 +174,7 @@ def test_listen_serves_the_receiver_and_the_inspector_on_one_port(
     listener: tuple[int, Any],
 ) -> None:
     port, proc = listener
-    assert f"listening on http://127.0.0.1:{port}/webhooks/flymy" in server_log(proc)
+    assert _printed(proc, f"listening on http://127.0.0.1:{port}/webhooks/flymy")
     request = signed_request(make_event("run.completed", run_id="run_listen_api"), SECRET)
     assert post(port, request.body, request.headers)[0] == 200
     status, headers, body = _request(port, "/api/deliveries/run_listen_api")
@@ -256,7 +265,7 @@ def test_inspect_an_app_send_fail_fix_and_replay(tmp_path: Path) -> None:
     ]
     env = {"PYTHONPATH": str(ROOT), "SAMPLE_APP_FIX": str(tmp_path)}
     with serve(argv, port, env=env, cwd=ROOT) as proc:
-        assert "inspecting app tests.inspector.sample_app:receiver" in server_log(proc)
+        assert _printed(proc, "inspecting app tests.inspector.sample_app:receiver")
         _, _, page = _request(port, "/")
         form = {
             "csrf_token": _csrf(page),
