@@ -157,6 +157,14 @@ def measure(label: str, rounds: int, per_round: int) -> dict[str, float]:
     variants = build_variants([*bodies, warm_up])
     for variant in variants.values():  # a body handle never sees again
         variant(warm_up)
+    return interleaved(variants, bodies, rounds, per_round)
+
+
+def interleaved(
+    variants: dict[str, Callable[[Any], Any]], bodies: list[Any], rounds: int, per_round: int
+) -> dict[str, float]:
+    """Median µs per body of each variant, timed round by round with the order rotating, so
+    that a busy moment of the machine slows every variant alike."""
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):

@@ -15,7 +15,6 @@ by a second process, as in ``bench_e2e``.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.apps.common import make_receiver
+from benchmarks.bench_core import interleaved
 from benchmarks.bench_e2e import PIN, compare
 from benchmarks.payloads import SIZES, Signed, distinct_bodies
 from flymy_receiver import Receiver
@@ -67,19 +67,7 @@ def in_process(label: str, rounds: int, per_round: int) -> dict[str, float]:
         variants = _variants(Path(directory))
         for handle in variants.values():
             handle(warm_up)
-        names = list(variants)
-        samples: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(rounds):
-            batch = bodies[r * per_round : (r + 1) * per_round]
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                handle = variants[name]
-                gc.collect()
-                start = time.perf_counter()
-                for s in batch:
-                    handle(s)
-                samples[name].append((time.perf_counter() - start) / per_round * 1e6)
-    return {name: statistics.median(values) for name, values in samples.items()}
+        return interleaved(variants, bodies, rounds, per_round)
 
 
 def end_to_end(label: str, rounds: int, per_round: int) -> dict[str, float]:
