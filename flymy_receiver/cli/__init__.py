@@ -142,7 +142,9 @@ def _build_parser() -> Parser:
         metavar="SECONDS",
         help="replay window on the event timestamp; 0 turns it off (3 days)",
     )
-    p.add_argument("--store", help="idempotency store URL (memory://, sqlite:///file, redis://)")
+    p.add_argument(
+        "--store", help="store URL: memory://, sqlite:///file, redis://..., postgresql://..."
+    )
     p.add_argument(
         "--path", default="/webhooks/flymy", help="the receiver's path (/webhooks/flymy)"
     )
@@ -150,7 +152,7 @@ def _build_parser() -> Parser:
     p.set_defaults(run=run_listen)
 
     p = commands.add_parser("inspect", help="serve the inspector over an existing journal")
-    p.add_argument("--store", help="the store URL (sqlite:///file, redis://...)")
+    p.add_argument("--store", help="the store URL (sqlite:///file, redis://..., postgresql://...)")
     p.add_argument("--app", metavar="MODULE:RECEIVER", help="the app's receiver, to replay")
     p.add_argument("--port", type=int, default=8001, help="port to listen on (8001)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
@@ -164,5 +166,5 @@ def _build_parser() -> Parser:
     )
     p.set_defaults(run=run_schema)
 
-    add_journal_command(commands, "store URL (sqlite:///file, redis://...)")
+    add_journal_command(commands, "store URL (sqlite:///file, redis://..., postgresql://...)")
     return parser
