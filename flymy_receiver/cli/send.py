@@ -62,17 +62,14 @@ def run_send(args: argparse.Namespace) -> int:
 
 
 def _event_fields(args: argparse.Namespace) -> dict[str, Any]:
+    from ..testing import data_fields
+
     fields: dict[str, Any] = {}
     if args.data is not None:
-        data = _read_json(args.data)
-        if args.event == "run.completed":
-            fields["output"] = data
-        elif args.event == "run.failed":
-            fields["error"] = data
-        elif isinstance(data, dict):
-            fields.update(data)
-        else:
-            raise UsageError(f"--data must hold a JSON object for {args.event}")
+        try:
+            fields = data_fields(args.event, _read_json(args.data))
+        except ValueError:
+            raise UsageError(f"--data must hold a JSON object for {args.event}") from None
     for option in ("run_id", "agent_id", "agent_name"):
         value = getattr(args, option)
         if value is not None:

@@ -464,7 +464,7 @@ def _test_event(form: Mapping[str, str]) -> tuple[bytes, str | None]:
     ``data`` is JSON, as with ``flymy-receiver send --data``: the output of
     ``run.completed``, the error of ``run.failed``, the data fields of another event.
     """
-    from ..testing import make_event, serialize
+    from ..testing import data_fields, make_event, serialize
 
     name = form.get("event", "").strip() or "run.completed"
     fields: dict[str, Any] = {}
@@ -477,14 +477,7 @@ def _test_event(form: Mapping[str, str]) -> tuple[bytes, str | None]:
             data = json.loads(raw)
         except (ValueError, RecursionError) as exc:
             raise ValueError(f"the data is not JSON: {str(exc)[:200]}") from None
-        if name == "run.completed":
-            fields["output"] = data
-        elif name == "run.failed":
-            fields["error"] = data
-        elif isinstance(data, dict):
-            fields.update(data)
-        else:
-            raise ValueError(f"the data of a {name[:100]} event must be a JSON object")
+        fields = data_fields(name, data)
     for field in ("run_id", "agent_id", "agent_name"):
         value = form.get(field, "").strip()
         if value:

@@ -269,3 +269,13 @@ def test_dispatch_raises_what_handlers_raise_and_output_mismatch() -> None:
         dispatch(router, make_event("run.completed", output={"background": 1}))
     with pytest.raises(OutputMismatch):
         asyncio.run(adispatch(router, make_event("run.completed", output=None)))
+
+
+def test_data_fields_map_one_json_value_to_each_event_kind() -> None:
+    from flymy_receiver.testing import data_fields
+
+    assert data_fields("run.completed", {"score": 3}) == {"output": {"score": 3}}
+    assert data_fields("run.failed", {"type": "x"}) == {"error": {"type": "x"}}
+    assert data_fields("run.cancelled", {"reason": "user"}) == {"reason": "user"}
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        data_fields("run.cancelled", [1, 2])
