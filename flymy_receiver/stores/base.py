@@ -63,6 +63,8 @@ facts with the same calls, so that the entry changes in the same atomic step as 
   key's done record is dropped, keeping the per-handler records, so that a replay can claim
   it), and stays ``queued`` otherwise. An entry that becomes ``handled`` or ``failed`` this
   way wakes the run's waiters like ``complete`` does.
+- ``claim`` and ``claim_handler`` report the entry's state before them in
+  ``Claim.prior_state`` (read in the same step, no extra round trip).
 - ``record_refusal`` keeps a refused delivery (no body); ``refusals`` lists the newest
   first. Stores keep a bounded number of refusals.
 - Bodies are bounded in bytes (``max_journal_bytes``, where the store takes it): past the
@@ -108,6 +110,9 @@ class Claim:
     done_handlers: frozenset[str] = field(default_factory=frozenset)
     retry_after: float = 0.0
     body: bytes | None = None  # claim_handler only: the stored body the handler runs on
+    #: Journal stores: the entry's state before this claim ("" for a new entry or without a
+    #: journal), so the receiver can tell an entry that *becomes* failed (``on_failure``).
+    prior_state: str = ""
 
 
 @runtime_checkable
