@@ -135,7 +135,7 @@ def test_inspect_prints_the_store_url_without_its_password(tmp_path: Path) -> No
             stop(proc)
     output = log.read_text(errors="replace")
     assert "hunter2" not in output
-    assert "redis://***@127.0.0.1" in output or "keeps no delivery journal" in output, output
+    assert "redis://reader:***@127.0.0.1" in output or "keeps no delivery journal" in output, output
 
 
 def test_a_missing_extra_names_the_extra_to_install() -> None:
