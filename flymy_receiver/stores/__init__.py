@@ -112,7 +112,7 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
     )
 
 
-def _create_option(store_class: type, create: bool) -> dict[str, bool]:
+def _create_option(store_class: type, create: bool) -> dict[str, Any]:
     # Stores grow a ``create`` option (tables, files) one by one: pass it where it exists.
     if create or "create" not in inspect.signature(store_class).parameters:
         return {}

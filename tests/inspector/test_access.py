@@ -6,7 +6,6 @@ import ipaddress
 from typing import Any
 
 import pytest
-
 from starlette.testclient import TestClient
 
 from flymy_receiver import Receiver

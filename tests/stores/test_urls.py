@@ -144,7 +144,7 @@ def test_create_false_refuses_a_missing_sqlite_file_and_creates_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigurationError, match="no SQLite database at 'deliveries.sqlite3'"):
+    with pytest.raises(ConfigurationError, match=r"no SQLite database at 'deliveries\.sqlite3'"):
         store_from_url("sqlite:///deliveries.sqlite3", create=False)
     assert list(tmp_path.iterdir()) == []
     store = store_from_url("sqlite:///deliveries.sqlite3")  # the default creates it
