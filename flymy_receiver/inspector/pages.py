@@ -48,11 +48,17 @@ def notice_of(query: Mapping[str, str], entry: Any = None) -> tuple[str | None, 
         counts = {
             name: query.get(name, "") for name in ("matched", "handled", "failed", "in_flight")
         }
-        if all(value.isascii() and value.isdigit() and len(value) < 10 for value in counts.values()):
+        if all(
+            value.isascii() and value.isdigit() and len(value) < 10 for value in counts.values()
+        ):
             text = (
                 f"Replayed {counts['matched']}: {counts['handled']} handled, "
                 f"{counts['failed']} still failed"
-                + (f", {counts['in_flight']} held by a delivery" if counts["in_flight"] != "0" else "")
+                + (
+                    f", {counts['in_flight']} held by a delivery"
+                    if counts["in_flight"] != "0"
+                    else ""
+                )
                 + "."
             )
             kind = "ok" if counts["failed"] == "0" and counts["in_flight"] == "0" else "problem"
@@ -98,7 +104,9 @@ class Pages:
         values = queries.filter_values(request.query_params)
         older = None
         if deliveries and len(deliveries) == filters["limit"]:
-            older = {**values, "before": deliveries[-1]["key"]}
+            kept = {name: value for name, value in values.items() if name != "before"}
+            limit = request.query_params.get("limit", "")
+            older = {**kept, "limit": limit, "before": deliveries[-1]["key"]}
         notice, kind = notice_of(request.query_params)
         return site.page(
             request,

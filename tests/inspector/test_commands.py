@@ -305,13 +305,12 @@ def test_inspect_a_shared_store_read_only_then_replay_with_the_app(
 ) -> None:
     # Production: the app's workers journal in PostgreSQL; the operator inspects it from
     # another process, first read-only, then with the app's handlers to replay the fix.
-    from flymy_receiver.inspector import receiver_over
     from flymy_receiver.stores import PostgresStore
 
     monkeypatch.delenv("SAMPLE_APP_FIX", raising=False)  # not fixed in this process
     store = PostgresStore(postgres_url)
     try:
-        app = receiver_over(sample_app.receiver, store)
+        app = sample_app.receiver.with_store(store)
         event = make_event("run.completed", run_id="run_pg", agent_name="Broken Agent")
         request = signed_request(event, sample_app.SECRET)
         assert app.handle(request.body, request.headers).status == 500

@@ -82,7 +82,8 @@
     var older = document.getElementById("older");
     var olderP = document.getElementById("older-p");
     var bulk = document.getElementById("bulk");
-    var LIMIT = 100;
+    // The page's own limit, if it has one (the server checked it when it rendered the page).
+    var LIMIT = parseInt(new URLSearchParams(window.location.search).get("limit"), 10) || 100;
 
     function query() {
       var params = new URLSearchParams();
@@ -143,6 +144,7 @@
         olderP.hidden = !data.before;
         if (data.before) {
           var next = query();
+          if (LIMIT !== 100) next.set("limit", String(LIMIT));
           next.set("before", data.before);
           older.href = base + "?" + next.toString();
         }
