@@ -69,7 +69,7 @@ def test_filters_are_query_parameters(receiver: Receiver, crm: Crm, client: Any)
         ({"limit": "0100"}, "limit must be"),
         ({"limit": "1001"}, "limit must be"),
         ({"limit": "1" * 5000}, "limit must be"),
-        ({"limit": "１００"}, "limit must be"),  # fullwidth digits: isdigit() says yes
+        ({"limit": "\uff11\uff10\uff10"}, "limit must be"),  # fullwidth digits: isdigit() says yes
         ({"since": "9999-12-31T23:59:59-23:59"}, "since must be an ISO 8601 time"),
         ({"until": "0001-01-01T00:00:00+23:59"}, "until must be an ISO 8601 time"),
         ({"run_id": "r" * 500}, "run_id is longer"),
