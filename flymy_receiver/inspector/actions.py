@@ -22,6 +22,7 @@ from starlette.responses import RedirectResponse, Response
 from ..bodies import aread_limited
 from ..errors import EventInFlight, MalformedEvent
 from ..events import UnknownEvent
+from ..journal import Journal
 from ..signature import SIGNATURE_HEADER
 from ..stores.records import JournalEntry
 from . import queries
@@ -121,7 +122,7 @@ class Actions:
         confirmed = form.get("confirm") == "yes"
         try:
             report = await run_in_threadpool(
-                lambda: receiver.journal.replay_all(**options, dry_run=not confirmed)  # type: ignore[union-attr]
+                _replay_matching, receiver.journal, options, wanted["run_id"], not confirmed
             )
         except Exception as exc:
             return self.site.page(
@@ -129,14 +130,9 @@ class Actions:
             )
         filters = {name: form.get(name, "") for name in queries.FILTER_NAMES if name != "before"}
         if not confirmed:
-            bulk = {"count": len(report.matched), "state": state, "filters": filters}
+            bulk = {"count": len(report["matched"]), "state": state, "filters": filters}
             return await run_in_threadpool(self._index_with, request, filters, bulk)
-        counts = {
-            "matched": len(report.matched),
-            "handled": len(report.handled),
-            "failed": len(report.failed),
-            "in_flight": len(getattr(report, "in_flight", ())),
-        }
+        counts = {name: len(keys) for name, keys in report.items()}
         query = urlencode({**{k: v for k, v in filters.items() if v}, "notice": "bulk", **counts})
         return RedirectResponse(f"{base(request)}?{query}", 303)
 
@@ -243,6 +239,34 @@ class Actions:
         if not same_token(csrf, self.site.csrf):
             return plain(403, "this form is out of date or not from this page: reload the page")
         return form
+
+
+def _replay_matching(
+    journal: Journal, options: dict[str, Any], run_id: str | None, dry_run: bool
+) -> dict[str, list[str]]:
+    """:meth:`Journal.replay_all` over ``options``; with a run id (which it does not take),
+    the same over the entries of that run, listed (summaries) and replayed one by one."""
+    if run_id is None:
+        report = journal.replay_all(**options, dry_run=dry_run)
+        return {
+            "matched": list(report.matched),
+            "handled": list(report.handled),
+            "failed": list(report.failed),
+            "in_flight": list(report.in_flight),
+        }
+    listed = journal.list(**options, run_id=run_id, limit=queries.MAX_LIMIT)
+    done: dict[str, list[str]] = {"matched": [e.key for e in listed if e.state != "resolved"]}
+    done.update(handled=[], failed=[], in_flight=[])
+    for key in [] if dry_run else done["matched"]:
+        try:
+            entry = journal.replay(key)
+        except EventInFlight:
+            done["in_flight"].append(key)
+        except LookupError:  # gone meanwhile, or its body dropped
+            done["failed"].append(key)
+        else:
+            done["handled" if entry.state == "handled" else "failed"].append(key)
+    return done
 
 
 def _test_event(form: Mapping[str, str]) -> tuple[bytes, str | None]:

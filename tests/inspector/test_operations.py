@@ -219,6 +219,18 @@ def test_bulk_replay_counts_first_then_replays_what_the_filter_shows(
     assert 'name="confirm"' not in nothing.text
 
 
+def test_bulk_replay_honours_a_run_id_filter(receiver: Receiver, crm: Crm, client: Any) -> None:
+    crm.down = True
+    deliver(receiver, run_id="run_one")
+    deliver(receiver, run_id="run_two")
+    crm.down = False
+    dry = _post(client, "/replay-all", {"run_id": "run_two"})
+    assert '<p id="bulk-count">1 failed delivery matches this filter.</p>' in dry.text
+    done = _post(client, "/replay-all", {"run_id": "run_two", "confirm": "yes"})
+    assert "Replayed 1: 1 handled, 0 still failed." in client.get(done.headers["location"]).text
+    assert crm.saved == ["run_two"]
+
+
 def test_bulk_replay_refuses_bad_filters_and_resolved(client: Any) -> None:
     assert _post(client, "/replay-all", {"since": "yesterday"}).status_code == 400
     assert _post(client, "/replay-all", {"state": "resolved"}).status_code == 400
