@@ -96,7 +96,7 @@ def _send_failing(browser: Any, port: int, run_id: str) -> None:
 def _api(port: int, path: str) -> Any:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as answer:  # noqa: S310 - local
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as answer:
         return json.loads(answer.read())
 
 
