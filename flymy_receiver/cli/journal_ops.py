@@ -184,12 +184,19 @@ def run_resend(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
+    from ..errors import ConfigurationError
+
     journal = _app_journal(args)
     older_than = args.older_than if args.older_than is not None else timedelta(minutes=5)
-    swept = journal.sweep(older_than=older_than)
-    count = swept if isinstance(swept, int) else len(list(swept or ()))
+    try:
+        jobs = list(journal.sweep(older_than=older_than))
+    except ConfigurationError as exc:  # a receiver without a queue: nothing to send to
+        raise UsageError(f"{printable(args.app)}: {printable(exc, 300)}") from None
+    sent = [{"key": job.key, "handler": job.handler} for job in jobs]
     if args.json:
-        print(json.dumps({"enqueued": count}))
-    else:
-        print(f"enqueued {count} deferred handler run(s) again")
+        print(json.dumps({"enqueued": sent}, indent=2))
+        return 0
+    for job in sent:
+        print(f"{printable(job['key'])}: {printable(job['handler'])} enqueued again")
+    print(f"enqueued {len(sent)} deferred handler run(s) again")
     return 0

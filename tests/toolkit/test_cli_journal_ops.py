@@ -290,3 +290,61 @@ def test_reading_a_missing_sqlite_file_refuses_and_creates_nothing(
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "no SQLite database at 'missing.sqlite3'" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# -- deferred handlers: their state in show, and the sweep ----------------------------------
+
+DEFERRED_APP = textwrap.dedent(
+    f"""
+    import logging
+    import os
+
+    from flymy_receiver import Receiver
+    from flymy_receiver.stores import SQLiteStore
+    from flymy_receiver.testing import make_event, signed_request
+
+    logging.getLogger("flymy_receiver").setLevel(logging.CRITICAL)
+
+
+    class FileQueue:
+        # A queue whose broker is a file; down while BROKER_DOWN is set.
+        def bind(self, receiver):
+            self.receiver = receiver
+
+        def enqueue(self, key, handler_id, context):
+            if os.environ.get("BROKER_DOWN"):
+                raise ConnectionError("the broker is down")
+            with open("jobs.txt", "a") as jobs:
+                jobs.write(f"{{key}} {{handler_id}}\\n")
+
+
+    receiver = Receiver({SECRET!r}, store=SQLiteStore("deferred.sqlite3"), queue=FileQueue())
+
+    @receiver.on("run.completed", defer=True)
+    def enrich(event):
+        return None
+
+    if os.environ.get("SEED"):
+        req = signed_request(make_event("run.completed", run_id="run_later"), {SECRET!r})
+        assert receiver.handle(req.body, req.headers).status == 200
+    """
+)
+
+
+def test_show_and_sweep_deferred_handlers(tmp_path: Path) -> None:
+    (tmp_path / "deferred_app.py").write_text(DEFERRED_APP)
+    spec = "deferred_app:receiver"
+    seeded = cli("journal", "show", "run_later", "--app", spec, cwd=tmp_path,
+                 env={"SEED": "1", "BROKER_DOWN": "1"})  # fmt: skip
+    assert seeded.returncode == 0, seeded.stderr
+    assert "state:     queued" in seeded.stdout
+    lines = seeded.stdout.splitlines()
+    row = lines[lines.index("handlers:") + 2].split()
+    assert row[1:3] == ["queued", "(deferred)"]
+    assert not (tmp_path / "jobs.txt").exists()  # the broker refused the job
+    swept = cli("journal", "sweep", "--app", spec, "--older-than", "0s", cwd=tmp_path)
+    assert swept.returncode == 0, swept.stderr
+    assert "enqueued 1 deferred handler run(s) again" in swept.stdout
+    (job,) = (tmp_path / "jobs.txt").read_text().splitlines()
+    assert job.startswith("run.completed:run_later ")
+    assert job.endswith("enrich")
