@@ -266,14 +266,15 @@ def list_entries(
         where.append("(j.received_at, j.key) < (?, ?)")
         args.extend((bound[0], before))
     rows: list[Any] = []
-    for condition, extra in _state_conditions(state, now):
+    conditions = _state_conditions(state, now)
+    for condition, extra in conditions:
         query = (
             f"SELECT {SUMMARY} FROM flymy_journal j "  # noqa: S608 (fixed text; values bound)
             f"WHERE {' AND '.join(where + condition)} "
             "ORDER BY j.received_at DESC, j.key DESC LIMIT ?"
         )
         rows.extend(db.execute(query, (*args, *extra, limit)).fetchall())
-    if len(rows) > limit:  # several queries: merge their pages
+    if len(conditions) > 1:  # several queries: merge their pages
         rows.sort(key=lambda row: (row[7], row[0]), reverse=True)
         del rows[limit:]
     return [entry_from_row(row, now, full=False) for row in rows]
