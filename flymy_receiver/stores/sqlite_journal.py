@@ -223,7 +223,7 @@ def get(db: sqlite3.Connection, key_or_run_id: str, now: float) -> JournalEntry 
     row = db.execute(FULL + "WHERE j.key = ? AND j.expires > ?", (key_or_run_id, now)).fetchone()
     if row is None:
         row = db.execute(
-            FULL + "WHERE j.run_id = ? AND j.expires > ? "
+            FULL + "WHERE j.run_id = ? AND +j.expires > ? "
             "ORDER BY j.received_at DESC, j.key DESC LIMIT 1",
             (key_or_run_id, now),
         ).fetchone()
@@ -245,7 +245,9 @@ def list_entries(
     for is one indexed query of at most ``limit`` rows (``failed`` is the failed rows and
     the stalled pending ones), merged here: no query sorts or scans the table."""
     limit = max(0, limit)
-    where = ["j.expires > ?"]
+    # "+j.expires": the expiry is checked on the rows found, never used to find them (its
+    # index would range over the whole journal and then sort it).
+    where = ["+j.expires > ?"]
     args: list[Any] = [now]
     for column, value in filters.items():  # the store's fixed column names; values bound
         if value is not None:

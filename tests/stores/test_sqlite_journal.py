@@ -181,11 +181,12 @@ def _plans(store: SQLiteStore, statements: list[str]) -> list[str]:
     return plans
 
 
-@pytest.fixture
-def filled(tmp_path: Path) -> SQLiteStore:
-    """A store with a few hundred entries of every state, agent and event."""
+@pytest.fixture(scope="module", params=[False, True], ids=["as-is", "analyzed"])
+def filled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SQLiteStore:
+    """A store with a few hundred entries of every state, agent and event, with and without
+    the statistics of ``ANALYZE`` (which the planner uses when they are there)."""
     clock = FakeClock(NOW)
-    store = SQLiteStore(tmp_path / "d.sqlite3", clock=clock)
+    store = SQLiteStore(tmp_path_factory.mktemp("filled") / "d.sqlite3", clock=clock)
     for i in range(300):
         key = f"run.completed:run_{i}"
         entry = _entry(key, agent_id=f"agent_{i % 7}", event=("run.completed", "run.failed")[i % 2])
@@ -196,7 +197,8 @@ def filled(tmp_path: Path) -> SQLiteStore:
             store.release(key, claim.token, {"h": HandlerOutcome(ok=False)})
         clock.advance(0.01)
     clock.advance(10)  # the pending ones are stalled now
-    store._connection().execute("ANALYZE")
+    if request.param:
+        store._connection().execute("ANALYZE")
     return store
 
 
@@ -220,6 +222,7 @@ def filled(tmp_path: Path) -> SQLiteStore:
     ],
 )
 def test_every_list_is_served_by_an_index(filled: SQLiteStore, filters: dict[str, Any]) -> None:
+    filters = dict(filters)
     for name in ("since", "until"):  # seconds after the first entry
         if name in filters:
             filters[name] = to_datetime(NOW + filters[name])
@@ -343,3 +346,13 @@ def test_a_journaled_one_handler_delivery_commits_twice(tmp_path: Path) -> None:
     entry = store.journal_get("k:1")
     assert entry is not None
     assert (entry.state, len(entry.history)) == ("handled", 1)
+
+
+def test_the_waiters_lookup_is_served_by_the_run_index(filled: SQLiteStore) -> None:
+    with _statements(filled) as seen:
+        found = filled.journal_settled([f"run_{i}" for i in range(0, 300, 7)])
+    assert found
+    plans = _plans(filled, seen)
+    assert plans
+    for plan in plans:
+        assert "flymy_journal_runs (run_id=?)" in plan, plan
