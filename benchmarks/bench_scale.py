@@ -34,7 +34,7 @@ from benchmarks.apps.common import make_receiver
 from benchmarks.payloads import distinct_bodies, small_output
 from benchmarks.scale_targets import TARGETS, Target
 from flymy_receiver import Receiver
-from flymy_receiver.stores.base import JournalStore
+from flymy_receiver.stores.base import JournalStore, journals
 
 SIZES_FULL = (1_000, 100_000, 1_000_000)
 SIZES_QUICK = (1_000, 100_000)
@@ -61,8 +61,9 @@ def _median_us(call: Callable[[int], Any], repeats: int) -> float:
 
 
 def measure(target: Target, size: int, repeats: int) -> dict[str, float]:
-    store = target.store
-    assert isinstance(store, JournalStore)
+    if not journals(target.store):
+        raise RuntimeError(f"{target.store!r} keeps no journal")
+    store: JournalStore = target.store  # type: ignore[assignment]
     rng = random.Random(size)
     receiver: Receiver = make_receiver(store=store)
     deliveries = distinct_bodies(small_output(), repeats + 10)
@@ -85,11 +86,12 @@ def measure(target: Target, size: int, repeats: int) -> dict[str, float]:
         if store.journal_get(target.run_id(picks[i])) is None:
             raise RuntimeError(f"no entry for {target.run_id(picks[i])}")
 
-    # Cursors deep in the failed entries, and in one agent's: what paging back reads.
+    # Cursors anywhere in the failed entries, and in one agent's, with a full page after
+    # them: what paging back reads.
     failed = store.journal_list(state="failed", limit=size)
-    failed_cursors = [failed[rng.randrange(len(failed) // 2, len(failed))].key for _ in picks]
+    failed_cursors = [failed[rng.randrange(max(1, len(failed) - 50))].key for _ in picks]
     agent = store.journal_list(agent_id="agent_7", limit=size)
-    agent_cursors = [agent[rng.randrange(len(agent) // 2, len(agent))].key for _ in picks]
+    agent_cursors = [agent[rng.randrange(max(1, len(agent) - 50))].key for _ in picks]
 
     def failed_page(i: int) -> None:
         store.journal_list(state="failed", before=failed_cursors[i], limit=50)

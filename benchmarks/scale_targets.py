@@ -257,4 +257,93 @@ class PostgresTarget(_CloningTarget):
         self._server.close()
 
 
-TARGETS: dict[str, type[Target]] = {"sqlite": SQLiteTarget, "postgres": PostgresTarget}
+class DjangoTarget(_CloningTarget):
+    """DjangoStore on SQLite (one database file for the run, emptied between sizes)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        import django
+        from django.conf import settings
+        from django.core.management import call_command
+
+        if not settings.configured:
+            settings.configure(
+                SECRET_KEY="benchmark-only",
+                USE_TZ=True,
+                INSTALLED_APPS=["django.contrib.contenttypes", "flymy_receiver.django"],
+                DATABASES={
+                    "default": {
+                        "ENGINE": "django.db.backends.sqlite3",
+                        "NAME": str(directory.parent / "django.sqlite3"),
+                        "OPTIONS": {"timeout": 30},
+                    }
+                },
+            )
+            django.setup()
+            call_command("migrate", verbosity=0, interactive=False)
+        from django.db import connection
+
+        from flymy_receiver.django import DjangoStore, models
+
+        self.connection = connection
+        self.table = models.JournalEntry._meta.db_table
+        for model in (models.DeliveryClaim, models.HandlerRecord, models.JournalEntry):
+            model.objects.all().delete()
+        self.store = DjangoStore()
+        self._template()
+
+    def _sql(self, query: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        with self.connection.cursor() as cursor:
+            cursor.execute(query, args)
+            return list(cursor.fetchall()) if cursor.description else []
+
+    def _columns(self) -> list[tuple[str, str]]:
+        return [
+            (str(r[1]), str(r[2]).lower()) for r in self._sql(f"PRAGMA table_info({self.table})")
+        ]
+
+    def _expressions(self, i: str, start: str, step: str, retention: str) -> dict[str, str]:
+        kinds = dict(self._columns())
+
+        def at(name: str, offset: str = "") -> str:
+            seconds = f"({start} + {i} * {step}{offset})"
+            if "date" in kinds.get(name, ""):
+                return f"strftime('%Y-%m-%d %H:%M:%f', {seconds}, 'unixepoch')"
+            return seconds
+
+        return {
+            "key": f"'run.completed:scale_' || {i}",
+            "run_id": f"'scale_' || {i}",
+            "event": EVENT.format(i=i),
+            "agent_id": AGENT.format(i=i),
+            "state": STATE.format(i=i),
+            "attempts": "1",
+            "received_at": at("received_at"),
+            "updated_at": at("updated_at"),
+            "expires": at("expires", f" + {retention}"),
+            "lease_until": "0",
+        }
+
+    def fill(self, n: int) -> None:
+        self._clone(0, n, time.time() - 30 * DAY, 30 * DAY / n, 60 * DAY)
+
+    def add_expired(self, k: int) -> None:
+        first = 10**9 + self._expired
+        self._expired += k
+        self._clone(first, k, time.time() - 90 * DAY, 1.0, DAY)
+
+    def _clone(self, first: int, n: int, start: float, step: float, retention: float) -> None:
+        names, values = self._select("c.i", repr(start), repr(step), repr(retention))
+        self._sql(
+            "WITH RECURSIVE c(i) AS (SELECT %s UNION ALL SELECT i + 1 FROM c WHERE i + 1 < %s) "  # noqa: S608 (names from the catalog)
+            f"INSERT INTO {self.table} ({names}) SELECT {values} "
+            f"FROM {self.table} t, c WHERE t.key = %s",
+            (first, first + n, self.template_key),
+        )
+
+
+TARGETS: dict[str, type[Target]] = {
+    "sqlite": SQLiteTarget,
+    "postgres": PostgresTarget,
+    "django": DjangoTarget,
+}
