@@ -207,7 +207,7 @@ class RedisStore:
     ) -> Any:
         """Run the claim script with ``token``; on a timeout, give the claim up."""
         mode = "entry" if entry is not None else "replay" if replay else ""
-        args: list[Any] = [repr(time.time()), self.channel, token, _ms(lease)]
+        args: list[Any] = [_now(), self.channel, token, _ms(lease)]
         args += ["1" if force else "", mode]
         if entry is not None:
             args += entry_args(entry, self._budget)
@@ -224,7 +224,7 @@ class RedisStore:
         self, key: str, token: str, handler: str, ttl: float, outcome: HandlerOutcome | None = None
     ) -> None:
         """Remember that ``handler`` succeeded for ``key`` for ``ttl`` seconds."""
-        args: list[Any] = [repr(time.time()), self.channel, handler, _ms(ttl)]
+        args: list[Any] = [_now(), self.channel, handler, _ms(ttl)]
         if outcome is not None:
             args += ["1", orjson.dumps(outcome.to_dict())]
         self._run(self._mark, key, args)
@@ -241,7 +241,7 @@ class RedisStore:
         entry becomes ``handled`` (``queued`` while a deferred handler waits for its run)."""
         journal = outcomes is not None or attempt is not None
         queued = any(o.deferred and o.state == "queued" for o in (outcomes or {}).values())
-        args: list[Any] = [repr(time.time()), self.channel, token, _ms(ttl)]
+        args: list[Any] = [_now(), self.channel, token, _ms(ttl)]
         args += ["1" if journal else "", "queued" if queued else "handled"]
         args += [attempt_json(attempt), *outcome_pairs(outcomes or {})]
         if not self._run(self._complete, key, args):
@@ -261,7 +261,7 @@ class RedisStore:
         """Drop the claim held with ``token``; keep the per-handler records. The entry
         becomes ``failed`` (only while ``token`` held the claim)."""
         journal = outcomes is not None or attempt is not None
-        args: list[Any] = [repr(time.time()), self.channel, token, "1" if journal else ""]
+        args: list[Any] = [_now(), self.channel, token, "1" if journal else ""]
         args += [attempt_json(attempt), *outcome_pairs(outcomes or {})]
         self._run(self._release, key, args)
 
@@ -270,12 +270,12 @@ class RedisStore:
     def journal_ignore(self, entry: NewEntry, attempt: Attempt | None = None) -> None:
         """Record an authentic event that no handler wanted; an existing entry keeps its
         state and body."""
-        args: list[Any] = [repr(time.time()), self.channel, attempt_json(attempt)]
+        args: list[Any] = [_now(), self.channel, attempt_json(attempt)]
         self._run(self._ignore, entry.key, args + entry_args(entry, self._budget))
 
     def journal_resolve(self, key: str, note: str) -> bool:
         """Make the entry ``resolved`` with ``note``; False when there is no such entry."""
-        args: list[Any] = [repr(time.time()), self.channel, note]
+        args: list[Any] = [_now(), self.channel, note]
         return bool(self._run(self._resolve, key, args))
 
     def journal_get(self, key_or_run_id: str) -> JournalEntry | None:
@@ -392,7 +392,7 @@ class RedisStore:
     def claim_handler(self, key: str, handler: str, lease: float) -> Claim:
         """Take one deferred handler's own lease (``Claim.body`` holds the stored body)."""
         token = secrets.token_hex(8)
-        args: list[Any] = [repr(time.time()), self.channel, handler, token, _ms(lease)]
+        args: list[Any] = [_now(), self.channel, handler, token, _ms(lease)]
         reply = self._run(self._claim_handler, key, args)
         state = text(reply[0])
         if state == "missing":
@@ -417,7 +417,7 @@ class RedisStore:
     ) -> None:
         """Record a deferred handler's run (see the store contract); wakes the run's
         waiters when the entry becomes ``handled`` or ``failed``."""
-        args: list[Any] = [repr(time.time()), self.channel, handler, token]
+        args: list[Any] = [_now(), self.channel, handler, token]
         args += [orjson.dumps(outcome.to_dict()), "1" if outcome.ok else ""]
         args += [attempt_json(attempt), "1" if final else "", _ms(ttl)]
         self._run(self._finish_handler, key, args)
@@ -613,6 +613,12 @@ def _take(items: Any, count: int) -> list[Any]:
         if len(taken) >= count:
             break
     return taken
+
+
+def _now() -> str:
+    """The client's clock for the scripts, in whole microseconds: what a datetime keeps, so
+    that a time read back from an entry is a cursor that finds that entry again."""
+    return repr(round(time.time(), 6))
 
 
 def _ms(seconds: float) -> int:

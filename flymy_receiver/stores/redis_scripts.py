@@ -60,7 +60,9 @@ local function unindex(key, m)
   redis.call('ZREM', J .. ':event:' .. m.e, key)
   if m.a then redis.call('ZREM', J .. ':agent:' .. m.a, key) end
   if m.r then redis.call('ZREM', J .. ':run:' .. m.r, key) end
-  if m.n and m.n > 0 then redis.call('DECRBY', J .. ':bytes', m.n) end
+  if m.n and m.n > 0 and redis.call('DECRBY', J .. ':bytes', m.n) <= 0 then
+    redis.call('DEL', J .. ':bytes')
+  end
 end
 local PREFIX = string.sub(J, 1, #J - 7)  -- J is PREFIX .. 'journal'
 local function entry_key(key) return PREFIX .. '{' .. key .. '}:j' end
@@ -228,6 +230,7 @@ if outcome == 'busy' then lease_until = now + math.max(result[3], 0) / 1000 end
 local prior = ''
 local mode = ARGV[6]
 if mode == 'entry' then
+  purge()  -- first, so that the bytes of expired bodies are free for this one
   if not exists() then
     local state = 'pending'
     if outcome == 'done' then state = 'handled' end
@@ -254,7 +257,6 @@ if mode == 'entry' then
       touch(m)
     end
   end
-  purge()
 elseif mode == 'replay' and exists() then
   local f = redis.call('HMGET', KEYS[3], 'state', 'lease_until')
   prior = shown(f[1], f[2])
@@ -333,6 +335,7 @@ return 1
 IGNORE = (
     _EVENT
     + """
+purge()
 if not exists() then
   local m = create('ignored', 4, 0)
   add_attempt(ARGV[3])
@@ -346,7 +349,6 @@ else
   touch(m)
   announce(m.s)
 end
-purge()
 return 1
 """
 )

@@ -175,8 +175,8 @@ def test_expired_entries_leave_the_indexes_a_bounded_number_per_write(
     store = RedisStore(redis_url)
     backlog = 3 * _PURGE_LIMIT
     for i in range(backlog):
-        store.journal_ignore(_new_entry(f"old{i}", retention=0.2))
-    time.sleep(0.5)
+        store.journal_ignore(_new_entry(f"old{i}", retention=2.0))
+    time.sleep(2.2)
     raw = redis_server.client()
     assert store.journal_get("old0") is None  # expired on the server
     sizes = []
@@ -209,3 +209,58 @@ def test_only_the_newest_refusals_are_kept(redis_server: RedisServer, redis_url:
     assert [r.detail for r in kept] == [f"n{i}" for i in range(24, 14, -1)]
     assert kept[0].at == start + timedelta(seconds=24)
     assert redis_server.client().llen("flymy:journal:refusals") == 10
+
+
+def test_claims_given_up_are_sent_and_the_queue_drains(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    ran = store._claim_with("k", 30, "token-1", _new_entry("k"))
+    assert ran[0] == b"acquired"
+    store._give_up_later("k", "token-1", 30)  # as after a timeout on the claim's reply
+    assert store._wait_given_up(10)
+    assert store.claim("k", 30).state is ClaimState.ACQUIRED
+    store._give_up_later("other", "token-2", 30)  # before its claim ran: remembered
+    assert store._wait_given_up(10)
+    assert store._claim_with("other", 30, "token-2", None)[0] == b"busy"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_one_handler_delivery_costs_two_round_trips(
+    redis_server: RedisServer, redis_url: str, asynchronous: bool
+) -> None:
+    """Counted as request bursts through a proxy (benchmarks/latency_proxy.py): the claim
+    with its entry, then the completion with outcome, history and the waiters' wake-up."""
+    import asyncio
+
+    from benchmarks.latency_proxy import LatencyProxy
+    from flymy_receiver import Receiver, RunCompleted
+    from flymy_receiver.testing import make_event, signed_request
+    from tests.conftest import SECRET
+
+    with LatencyProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0")
+        receiver = Receiver(SECRET, store=store)
+        handled: list[str] = []
+
+        @receiver.on("run.completed")
+        def handle(event: RunCompleted) -> None:
+            handled.append(event.data.run_id)
+
+        def deliver(run_id: str) -> int:
+            req = signed_request(make_event("run.completed", run_id=run_id), SECRET)
+            if asynchronous:
+                return asyncio.run(receiver.ahandle(req.body, req.headers)).status
+            return receiver.handle(req.body, req.headers).status
+
+        assert deliver("run_warm") == 200  # connects and loads the scripts
+        counts = []
+        for i in range(3):
+            proxy.reset()
+            assert deliver(f"run_{i}") == 200
+            counts.append(proxy.bursts)
+        proxy.reset()
+        assert deliver("run_0") == 200  # a duplicate: the claim only
+        duplicate = proxy.bursts
+        store.client.close()
+    assert counts == [2, 2, 2]
+    assert duplicate == 1
+    assert handled == ["run_warm", "run_0", "run_1", "run_2"]
