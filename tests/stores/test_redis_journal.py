@@ -148,7 +148,8 @@ def test_bodies_past_the_byte_budget_are_dropped_and_the_entry_says_so(redis_url
     assert claim.state is ClaimState.ACQUIRED  # the claim is never refused for a body
     store.complete("run.completed:b", claim.token, TTL, {"app.h": _ok()})
     kept, dropped = store.journal_get("run.completed:a"), store.journal_get("run.completed:b")
-    assert kept is not None and dropped is not None
+    assert kept is not None
+    assert dropped is not None
     assert (kept.body, kept.body_dropped, kept.body_size) == (b"a" * 60, False, 60)
     assert (dropped.body, dropped.body_dropped, dropped.body_size) == (None, True, 60)
     assert dropped.state == "handled"
@@ -186,7 +187,8 @@ def test_under_maxmemory_bodies_never_refuse_a_claim_nor_evict_a_done_record() -
         for i in range(60):
             _handle(store, f"run.completed:r{i}", body=body)
         for i in range(60):
-            duplicate = store.claim(f"run.completed:r{i}", LEASE, _entry(f"run.completed:r{i}", body))
+            key = f"run.completed:r{i}"
+            duplicate = store.claim(key, LEASE, _entry(key, body))
             assert duplicate.state is ClaimState.DONE
         kept = [store.journal_get(f"run.completed:r{i}") for i in range(60)]
         assert all(e is not None and e.state == "handled" for e in kept)
@@ -212,7 +214,8 @@ def test_a_state_filter_reads_only_what_it_lists_and_no_body(
     assert all(e.body is None and e.history == () for e in failed)
     assert [e.body_size for e in failed] == [len(b'{"event":"run.completed"}')] * 2
     assert calls.get("hgetall", 0) <= 2  # the failed ones, not the 300 handled
-    assert "get" not in calls and "lrange" not in calls  # no body, no history
+    assert "get" not in calls
+    assert "lrange" not in calls
 
 
 def test_a_list_reads_no_body(redis_server: RedisServer, store: RedisStore) -> None:
