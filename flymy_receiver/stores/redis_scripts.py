@@ -406,7 +406,17 @@ local holds = redis.call('GET', lease_key) == ARGV[4]
 local m = load_meta()
 add_attempt(ARGV[7])
 local recorded = ok or holds
-if recorded then redis.call('HSET', KEYS[3], 'h:' .. handler, ARGV[5]) end
+if recorded then
+  -- The run's outcome, with the attempts counted by claim_handler and no live lease.
+  local o = cjson.decode(ARGV[5])
+  local before = redis.call('HGET', KEYS[3], 'h:' .. handler)
+  local count = 0
+  if before then count = tonumber(cjson.decode(before).attempts) or 0 end
+  o.attempts = math.max(tonumber(o.attempts) or 0, count)
+  o.deferred = true
+  o.lease_until = 0
+  redis.call('HSET', KEYS[3], 'h:' .. handler, cjson.encode(o))
+end
 if holds then redis.call('DEL', lease_key) end
 if ok then
   redis.call('SADD', KEYS[2], handler)
@@ -415,11 +425,15 @@ if ok then
   end
 end
 local all_ok = true
+local succeeded = {}
 local fields = redis.call('HGETALL', KEYS[3])
 for i = 1, #fields, 2 do
   if string.sub(fields[i], 1, 2) == 'h:' then
-    local o = cjson.decode(fields[i + 1])
-    if o.ok ~= true then all_ok = false end
+    if cjson.decode(fields[i + 1]).ok == true then
+      succeeded[#succeeded + 1] = string.sub(fields[i], 3)
+    else
+      all_ok = false
+    end
   end
 end
 local state = nil
@@ -427,8 +441,15 @@ if all_ok then
   state = 'handled'
 elseif recorded and not ok and ARGV[8] == '1' then
   state = 'failed'
-  -- The queue will not retry: drop the done record so that a replay can claim the key.
+  -- The queue will not retry: drop the done record so that a replay can claim the key,
+  -- keeping a record of each handler that succeeded (complete had folded them into it).
   if redis.call('GET', KEYS[1]) == 'done' then redis.call('DEL', KEYS[1]) end
+  if #succeeded > 0 then
+    redis.call('SADD', KEYS[2], unpack(succeeded))
+    if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[9]) then
+      redis.call('PEXPIRE', KEYS[2], ARGV[9])
+    end
+  end
 end
 if state then set_state(m, state) end
 touch(m)
