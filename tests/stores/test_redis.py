@@ -223,12 +223,14 @@ def test_claims_given_up_are_sent_and_the_queue_drains(redis_url: str) -> None:
     assert store._claim_with("other", 30, "token-2", None)[0] == b"busy"
 
 
+@pytest.mark.parametrize("handlers", [1, 2])
 @pytest.mark.parametrize("asynchronous", [False, True])
-def test_a_one_handler_delivery_costs_two_round_trips(
-    redis_server: RedisServer, redis_url: str, asynchronous: bool
+def test_a_delivery_costs_two_round_trips_and_one_per_extra_handler(
+    redis_server: RedisServer, redis_url: str, asynchronous: bool, handlers: int
 ) -> None:
     """Counted as request bursts through a proxy (benchmarks/latency_proxy.py): the claim
-    with its entry, then the completion with outcome, history and the waiters' wake-up."""
+    with its entry, then the completion with outcome, history and the waiters' wake-up;
+    each handler but the last is recorded before the next one runs."""
     import asyncio
 
     from benchmarks.latency_proxy import LatencyProxy
@@ -244,6 +246,9 @@ def test_a_one_handler_delivery_costs_two_round_trips(
         @receiver.on("run.completed")
         def handle(event: RunCompleted) -> None:
             handled.append(event.data.run_id)
+
+        if handlers == 2:
+            receiver.on("run.completed", name="second")(lambda event: None)
 
         def deliver(run_id: str) -> int:
             req = signed_request(make_event("run.completed", run_id=run_id), SECRET)
@@ -261,6 +266,6 @@ def test_a_one_handler_delivery_costs_two_round_trips(
         assert deliver("run_0") == 200  # a duplicate: the claim only
         duplicate = proxy.bursts
         store.client.close()
-    assert counts == [2, 2, 2]
+    assert counts == [handlers + 1] * 3
     assert duplicate == 1
     assert handled == ["run_warm", "run_0", "run_1", "run_2"]
