@@ -184,7 +184,7 @@ def bench_sqlite(deliveries: int) -> list[Figure]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--delay", type=float, default=0.005, help="seconds per message")
+    parser.add_argument("--delay", type=float, default=0.01, help="seconds per message")
     parser.add_argument("--deliveries", type=int, default=20, help="per round (3 rounds)")
     parser.add_argument("--only", choices=["redis", "postgres", "sqlite"], action="append")
     args = parser.parse_args()
