@@ -26,10 +26,7 @@ share one slot: give a prefix with a hash tag (``prefix="{flymy}:"``).
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import secrets
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -58,6 +55,7 @@ from .redis_entries import (
     outcome_pairs,
     text,
 )
+from .redis_give_up import GiveUps
 from .urls import redacted_url
 
 __all__ = ["DEFAULT_MAX_JOURNAL_BYTES", "RedisStore"]
@@ -68,8 +66,6 @@ logger = logging.getLogger("flymy_receiver")
 DEFAULT_SOCKET_TIMEOUT = 1.0
 #: The journal's bodies, in bytes, past which new entries are kept without their body.
 DEFAULT_MAX_JOURNAL_BYTES = 256 * 1024 * 1024
-#: Claims given up after a timeout waiting to be sent (beyond that, their lease ends them).
-_GIVE_UP_QUEUE = 1000
 #: States a waiter resolves on (awaiting.SETTLED_STATES); journal_settled reports these.
 _SETTLED = frozenset({"handled", "failed", "ignored", "resolved"})
 
@@ -155,9 +151,9 @@ class RedisStore:
         self._refusals_key = f"{prefix}journal:refusals"
         #: The channel waiters subscribe to; the scripts publish on it (see notifier()).
         self.channel = f"{prefix}awaiting"
-        self._given_up: queue.Queue[tuple[str, str, float, float]] | None = None
-        self._given_up_pid = 0
-        self._given_up_lock = threading.Lock()
+        self._give_ups = GiveUps(
+            lambda key, token, lease: self._run(self._give_up, key, [token, _ms(lease)])
+        )
 
     def __repr__(self) -> str:
         # Never the URL: it may carry a password.
@@ -520,50 +516,14 @@ class RedisStore:
         except self._errors as exc:
             logger.debug("could not unindex expired journal entries: %r", exc)
 
-    # -- claims given up after a timeout -------------------------------------------------
+    # -- claims given up after a timeout (see redis_give_up) ----------------------------
 
     def _give_up_later(self, key: str, token: str, lease: float) -> None:
-        """Queue the release of a claim whose reply never came (sent from one thread)."""
-        with self._given_up_lock:
-            if self._given_up is None or self._given_up_pid != os.getpid():
-                self._given_up = queue.Queue(_GIVE_UP_QUEUE)
-                self._given_up_pid = os.getpid()
-                threading.Thread(
-                    target=self._give_up_loop,
-                    args=(self._given_up,),
-                    name="flymy-redis-give-up",
-                    daemon=True,
-                ).start()
-            pending = self._given_up
-        try:
-            pending.put_nowait((key, token, lease, time.monotonic() + lease))
-        except queue.Full:  # the lease will end it
-            logger.debug("too many claims to give up; %s waits for its lease", key[:200])
-
-    def _give_up_loop(self, pending: queue.Queue[tuple[str, str, float, float]]) -> None:
-        while True:
-            key, token, lease, deadline = pending.get()
-            try:
-                while True:
-                    try:
-                        self._run(self._give_up, key, [token, _ms(lease)])
-                        break
-                    except StoreUnavailable as exc:
-                        if time.monotonic() > deadline:
-                            logger.debug("could not give up the claim on %s: %r", key[:200], exc)
-                            break
-                        time.sleep(0.1)
-            finally:
-                pending.task_done()  # so that _wait_given_up sees the queue drain
+        self._give_ups.later(key, token, lease)
 
     def _wait_given_up(self, timeout: float) -> bool:
         """Whether every claim given up so far was sent, waiting up to ``timeout`` (tests)."""
-        deadline = time.monotonic() + timeout
-        while self._given_up is not None and self._given_up.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        return self._give_ups.wait(timeout)
 
     # -- keys and calls -----------------------------------------------------------------
 
