@@ -212,9 +212,9 @@ class RedisStore:
         except self._timeouts as exc:
             # The script may still run once the server answers again: see _give_up_later.
             self._give_up_later(key, token, lease)
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
 
     def mark_handler_done(
         self, key: str, token: str, handler: str, ttl: float, outcome: HandlerOutcome | None = None
@@ -288,7 +288,7 @@ class RedisStore:
                 if fields and fields.get(b"run_id") == run_id:
                     return self._full_entries([key], now)[0]
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
         return None
 
     def journal_list(
@@ -353,7 +353,7 @@ class RedisStore:
                     if entry is not None and wanted(entry) and len(found) < limit:
                         found.append(entry)
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
         return found
 
     def journal_settled(self, run_ids: Sequence[str]) -> dict[str, JournalEntry]:
@@ -377,7 +377,7 @@ class RedisStore:
                         break
             full = self._full_entries(list(chosen.values()), now)
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
         for (run_id, _), entry in zip(chosen.items(), full, strict=True):
             if entry is not None:
                 settled[run_id] = entry
@@ -434,7 +434,7 @@ class RedisStore:
             pipe.ltrim(self._refusals_key, 0, self.max_refusals - 1)
             pipe.execute()
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
 
     def refusals(self, limit: int = 100) -> list[Refusal]:
         """Refused deliveries, newest first."""
@@ -443,7 +443,7 @@ class RedisStore:
         try:
             records = self._redis.lrange(self._refusals_key, 0, limit - 1)
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
         refusals = []
         for record in records:
             data = orjson.loads(record)
@@ -544,7 +544,7 @@ class RedisStore:
         try:
             return script(keys=self._keys(key), args=args)
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
 
 
 def _binary_client(client: Any, redis: Any) -> Any:
@@ -573,6 +573,17 @@ def _take(items: Any, count: int) -> list[Any]:
         if len(taken) >= count:
             break
     return taken
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    """The error a failed Redis call becomes; on Redis Cluster, with what to do about it."""
+    detail = f"redis: {type(exc).__name__}: {exc}"
+    if type(exc).__name__ == "ClusterCrossSlotError" or "CROSSSLOT" in str(exc):
+        detail += (
+            " (on Redis Cluster every key of the store must share a slot: "
+            "give RedisStore a prefix with a hash tag, e.g. prefix='{flymy}:')"
+        )
+    return StoreUnavailable(detail)
 
 
 def _now() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -269,3 +270,29 @@ def test_a_delivery_costs_two_round_trips_and_one_per_extra_handler(
     assert counts == [handlers + 1] * 3
     assert duplicate == 1
     assert handled == ["run_warm", "run_0", "run_1", "run_2"]
+
+
+def test_on_redis_cluster_a_prefix_with_a_hash_tag_works_and_a_plain_one_says_why(
+    tmp_path: Any,
+) -> None:
+    """A one-node cluster owning every slot: what a cluster checks, slots, is checked."""
+    import redis
+
+    nodes = str(tmp_path / "nodes.conf")
+    with running_redis("--cluster-enabled", "yes", "--cluster-config-file", nodes) as server:
+        raw = server.client()
+        raw.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        for _ in range(100):
+            if raw.cluster("info")["cluster_state"] == "ok":
+                break
+            time.sleep(0.1)
+        tagged = RedisStore(redis.Redis.from_url(server.url), prefix="{flymy}:")
+        claim = tagged.claim("run.completed:run_1", 30, _new_entry("run.completed:run_1"))
+        tagged.complete("run.completed:run_1", claim.token, 60, {"app.h": HandlerOutcome(ok=True)})
+        assert [e.state for e in tagged.journal_list()] == ["handled"]
+        plain = RedisStore(redis.Redis.from_url(server.url), prefix="flymy:")
+        with pytest.raises(StoreUnavailable, match=r"prefix with a hash tag"):
+            plain.claim("run.completed:run_2", 30, _new_entry("run.completed:run_2"))
+        for store in (tagged, plain):
+            store.client.close()
+        raw.close()
