@@ -79,9 +79,7 @@ def test_an_ignored_event_records_its_attempt(backend: Backend) -> None:
     assert _post(receiver, run_id="run_nobody") == 200
     entry = _entry(receiver, "run_nobody")
     assert entry.state == "ignored"
-    assert [(a.source, a.status, a.outcome) for a in entry.history] == [
-        ("sender", 200, "ignored")
-    ]
+    assert [(a.source, a.status, a.outcome) for a in entry.history] == [("sender", 200, "ignored")]
 
 
 def test_resolve_dismisses_a_failed_entry_from_failure_lists_and_bulk_replay(
