@@ -281,7 +281,13 @@ def test_leading_zeros_are_the_number_they_spell(app_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "args", [["journal", "list"], ["journal", "show", "run_1"], ["journal", "refusals"]]
+    "args",
+    [
+        ["journal", "list"],
+        ["journal", "show", "run_1"],
+        ["journal", "refusals"],
+        ["inspect", "--port", "0"],
+    ],
 )
 def test_reading_a_missing_sqlite_file_refuses_and_creates_nothing(
     tmp_path: Path, args: list[str]
