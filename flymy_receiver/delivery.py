@@ -279,7 +279,10 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
         if outcomes is not None and outcome is not None:
             outcomes[handler.id] = outcome
         succeeded.add(handler.id)
-        if len(d.handlers) > 1 and not handler.atomic:
+        # Each handler that succeeded is recorded before the next one runs, so a failure
+        # there never runs it again; the last one's record is the completion's (one round
+        # trip fewer: DESIGN section 5).
+        if len(d.handlers) > 1 and not handler.atomic and handler is not d.handlers[-1]:
             mark_args: tuple[Any, ...] = (d.key, token, handler.id, retention_s)
             if outcome is not None:
                 mark_args = (*mark_args, outcome)
