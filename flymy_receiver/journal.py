@@ -21,6 +21,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
+from .deferred import DEFAULT_SWEEP_AGE, Job
+from .deferred import sweep as _sweep
 from .errors import ConfigurationError, EventInFlight, StoreUnavailable
 from .rationing import TokenBucket
 from .stores.base import JournalStore
@@ -125,6 +127,15 @@ class Journal:
                     results.append(self.replay(entry.key))
                 except EventInFlight:
                     logger.info("replay of %s skipped: it is being handled", entry.key[:200])
+
+    def sweep(self, older_than: timedelta = DEFAULT_SWEEP_AGE) -> builtins.list[Job]:
+        """Send again the deferred handlers' jobs that may have been lost (a broker outage, a
+        web process killed before it sent them, a worker killed mid-handler): the entries
+        still ``queued`` after ``older_than``. Returns the jobs sent; run it every few
+        minutes (a Celery beat task, cron). See :func:`flymy_receiver.deferred.sweep`."""
+        if self.receiver is None:
+            raise ConfigurationError("the sweep needs the receiver whose queue sends the jobs")
+        return _sweep(self.receiver, older_than)
 
     def refusals(self, limit: int = 100) -> builtins.list[Refusal]:
         """Refused deliveries, newest first (no bodies)."""

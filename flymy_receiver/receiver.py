@@ -18,12 +18,13 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
+from . import deferred as _deferred
 from . import events as _events
 from .awaiting import DEFAULT_TIMEOUT, Waiters
 from .errors import (
@@ -41,6 +42,7 @@ from .errors import (
 from .events import RunCompleted, RunFailed, UnknownEvent
 from .headers import READ_HEADERS, Headers, read_headers
 from .journal import DEFAULT_JOURNAL_RETENTION, Journal, RefusalLog
+from .queues import Queue
 from .rationing import TokenBucket
 from .responses import DUPLICATE, RECEIVED, Response, refusal
 from .routing import Handler, OutputMismatch, Router, run_coroutine
@@ -135,7 +137,10 @@ class Receiver(Router):
     ``max_body_size`` is in bytes. ``clock`` returns the current aware ``datetime`` for the
     replay window (tests); by default the system clock. ``journal`` keeps every authentic
     delivery with its body in the store, for ``journal_retention`` after its last change
-    (see :attr:`journal`; ``False`` keeps idempotency records only).
+    (see :attr:`journal`; ``False`` keeps idempotency records only). ``queue`` is the task
+    queue whose workers run the handlers registered with ``defer=True``
+    (:class:`~flymy_receiver.queues.celery.CeleryQueue`, ...); it is bound to this receiver
+    here, so the worker task exists wherever the receiver is built.
     """
 
     def __init__(
@@ -152,8 +157,11 @@ class Receiver(Router):
         clock: Callable[[], datetime] | None = None,
         journal: bool = True,
         journal_retention: timedelta = DEFAULT_JOURNAL_RETENTION,
+        queue: Queue | None = None,
     ) -> None:
         super().__init__()
+        #: The task queue of the deferred handlers (``None``: every handler runs inline).
+        self.queue = queue
         self._keys = normalize_secrets(secret)
         if max_body_size < 1:
             raise ValueError("max_body_size must be positive")
@@ -193,6 +201,8 @@ class Receiver(Router):
             self.journal = Journal(journal_store, self, self._refusal_log)
         #: The calls waiting for runs' webhooks (:meth:`wait_for`, :meth:`results`).
         self.waiters = Waiters(self.store, self.journal.store if self.journal else None)
+        if queue is not None:
+            queue.bind(self)  # registers the worker task: `celery -A module worker` finds it
 
     def __repr__(self) -> str:
         return (
@@ -311,7 +321,25 @@ class Receiver(Router):
                 f"handler {handler.id}: atomic=True needs a store that runs a handler in one"
                 f" transaction with its record (DjangoStore); {type(self.store).__name__} cannot"
             )
+        _deferred.check_deferrable(self, handler)
         super()._check(handler)
+
+    def run_deferred(
+        self,
+        key: str,
+        handler_id: str,
+        *,
+        final: _deferred.Final = True,
+        context: Mapping[str, str] | None = None,
+    ) -> str:
+        """Run one deferred handler of a journal entry: the queue's worker task calls this.
+
+        Takes the handler's own lease, runs it on the stored body and records the outcome;
+        ``"done"`` when it had succeeded already, ``"busy"`` while another worker runs it. A
+        failure is recorded and re-raised (the queue retries); ``final`` says whether this
+        run is the last. See :func:`flymy_receiver.deferred.run_deferred`.
+        """
+        return _deferred.run_deferred(self, key, handler_id, final=final, context=context)
 
     # -- the plan -----------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class Handler:
         "agent_id",
         "agent_name",
         "atomic",
+        "deferred",
         "event",
         "func",
         "id",
@@ -83,9 +84,11 @@ class Handler:
         id: str,
         localns: Mapping[str, Any] | None = None,
         atomic: bool = False,
+        deferred: bool = False,
     ) -> None:
         self.func = func
         self.atomic = atomic
+        self.deferred = deferred
         self.event = event
         self.agent_id = agent_id
         self.agent_name = agent_name
@@ -268,6 +271,7 @@ class Router:
         output: type[Any] | None = None,
         name: str | None = None,
         atomic: bool = False,
+        defer: bool = False,
     ) -> Callable[[F], F]:
         """Register the decorated function for ``event`` (``"*"`` for every event).
 
@@ -277,7 +281,10 @@ class Router:
         succeeds so that a retry skips it (default ``module.qualname``; renaming changes
         it). ``atomic=True`` runs a sync handler in one database transaction with the record
         that it succeeded (needs a store that can, such as ``DjangoStore``; refused with
-        ``ConfigurationError`` otherwise). Returns the function unchanged.
+        ``ConfigurationError`` otherwise). ``defer=True`` acknowledges the delivery once it is
+        journaled and runs the handler on a task queue's worker (needs ``Receiver(queue=...)``
+        and a store other processes share; see :mod:`flymy_receiver.deferred`). Returns the
+        function unchanged.
         """
         if not isinstance(event, str) or not event:
             raise TypeError("event must be a non-empty event name, or '*'")
@@ -301,6 +308,7 @@ class Router:
                 id=name if name is not None else _derived_id(func),
                 localns=localns,
                 atomic=atomic,
+                deferred=defer,
             )
             self._refuse_clashes([handler])
             self._check(handler)
