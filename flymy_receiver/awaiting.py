@@ -350,10 +350,18 @@ class Waiters:
         if run_id is None:
             return
         if self._by_run and self._pid == os.getpid():
-            with self._lock:
-                if run_id in self._by_run:
-                    self._unchecked.add(run_id)
-            self._wake.set()
+            if not self._shared:  # no watcher thread: read the process-local journal now
+                try:
+                    self._resolve_from_journal([run_id])
+                except Exception as exc:  # the waiters time out; the handler's run stands
+                    logger.warning(
+                        "could not read the journal entry of run %s: %r", run_id[:200], exc
+                    )
+            else:
+                with self._lock:
+                    if run_id in self._by_run:
+                        self._unchecked.add(run_id)
+                self._wake.set()
         if self.notifier is not None:
             self._publish(run_id)
 

@@ -44,7 +44,7 @@ from .headers import READ_HEADERS, Headers, read_headers
 from .journal import DEFAULT_JOURNAL_RETENTION, Journal, RefusalLog
 from .queues import Queue
 from .rationing import TokenBucket
-from .responses import DUPLICATE, RECEIVED, Response, refusal
+from .responses import DUPLICATE, RECEIVED, Response, deferred_received, refusal
 from .routing import Handler, OutputMismatch, Router, run_coroutine
 from .signature import (
     SIGNATURE_HEADER,
@@ -458,8 +458,12 @@ class Receiver(Router):
             return refusal(error, retry_after=min(claim.retry_after, 60.0))
         token = d.held = claim.token
         outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
+        deferred: list[str] = []  # for the queue's workers, once the entry is durable
         for handler in d.handlers:
             if handler.id in claim.done_handlers or handler.id in d.skip:
+                continue
+            if handler.deferred and not d.replay:  # a replay runs them here, inline
+                deferred.append(handler.id)
                 continue
             recorded: HandlerOutcome | None = None
             try:
@@ -497,6 +501,9 @@ class Receiver(Router):
                     yield _StoreCall(store.mark_handler_done, mark_args)
                 except Exception as exc:
                     return self._store_failed(exc, d, "record a handler of")
+        if deferred and outcomes is not None:  # the entry stays queued until they ran
+            now = time.time()
+            outcomes.update((name, _deferred.queued_outcome(now)) for name in deferred)
         complete_args: tuple[Any, ...] = (d.key, token, self._retention_s)
         if outcomes is not None:
             complete_args = (*complete_args, outcomes)
@@ -505,6 +512,9 @@ class Receiver(Router):
         except Exception as exc:
             return self._store_failed(exc, d, "record")
         d.held = ""
+        if deferred:  # no waiter is told yet: the workers do, when the handlers finished
+            yield _StoreCall(_deferred.send_jobs, (self.queue, d.key, deferred))
+            return deferred_received(len(deferred))
         return (yield from self._ended(d, RECEIVED))
 
     def _ended(self, d: _Delivery, response: Response) -> _Plan:

@@ -49,7 +49,8 @@ class RecordingQueue:
 def build(tmp_path: Path, **kwargs: Any) -> tuple[Receiver, RecordingQueue, list[str]]:
     queue = RecordingQueue()
     store = SQLiteStore(tmp_path / "journal.sqlite3")
-    receiver = Receiver(SECRET, store=store, queue=queue, lease=timedelta(seconds=30), **kwargs)
+    kwargs.setdefault("lease", timedelta(seconds=30))
+    receiver = Receiver(SECRET, store=store, queue=queue, **kwargs)
     ran: list[str] = []
 
     @receiver.on("run.completed", name="inline")
