@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -276,15 +275,12 @@ def sweep(receiver: Receiver, older_than: timedelta = DEFAULT_SWEEP_AGE) -> list
 
 
 def failure_outcome(exc: BaseException) -> HandlerOutcome:
-    """A failed deferred run's outcome: its error line and traceback, for the journal."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return HandlerOutcome(
-        ok=False,
-        error=f"{type(exc).__name__}: {exc}"[:1000],
-        traceback=text[-20_000:],
-        at=time.time(),
-        deferred=True,
-    )
+    """A failed deferred run's outcome: the plan's failure record, marked deferred."""
+    from .delivery import _failure  # imported here: the plan imports this module
+
+    outcome = _failure(exc)
+    outcome.deferred = True
+    return outcome
 
 
 def _lost(outcome: HandlerOutcome, now: float, cutoff: float) -> bool:
