@@ -40,21 +40,22 @@ celery_app.conf.update(
     broker_transport_options={"visibility_timeout": 3600},
 )
 
+# "Never lose, run once": acknowledge a job after it ran, redeliver a lost worker's job,
+# retry a failing handler three times with backoff, then the entry is failed (replay it).
+queue = CeleryQueue(
+    celery_app,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(Exception,),
+    max_retries=3,
+    retry_backoff=True,
+)
+queue.schedule_sweep(every=timedelta(minutes=5))  # `celery -A webhooks beat` runs it
 receiver = Receiver(
     store=store_from_url(os.environ.get("FLYMY_STORE", "sqlite:///deliveries.sqlite3")),
-    # "Never lose, run once": acknowledge a job after it ran, redeliver a lost worker's job,
-    # retry a failing handler three times with backoff, then the entry is failed (replay it).
-    queue=CeleryQueue(
-        celery_app,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        autoretry_for=(Exception,),
-        max_retries=3,
-        retry_backoff=True,
-    ),
+    queue=queue,
     lease=timedelta(minutes=2),  # longer than the slowest handler
 )
-receiver.queue.schedule_sweep(every=timedelta(minutes=5))  # type: ignore[union-attr]
 
 
 class Lead(BaseModel):

@@ -9,13 +9,14 @@ started with ``celery -A module worker`` on the module that builds the receiver 
     CeleryQueue(
         celery_app,
         acks_late=True,                  # a job is acknowledged after it ran, not before
-        task_reject_on_worker_lost=True, # a worker killed mid-job: the broker redelivers it
+        reject_on_worker_lost=True,      # a killed pool process: its job goes back to the queue
         autoretry_for=(Exception,),      # a handler that raises is retried ...
         max_retries=5,                   # ... five times, then the entry is ``failed``
         retry_backoff=True,              # 1 s, 2 s, 4 s ... (capped by retry_backoff_max)
     )
 
-Running twice is prevented by the journal, not by the broker: the handler's own lease
+(``reject_on_worker_lost`` is the task option of the app setting
+``task_reject_on_worker_lost``.) Running twice is prevented by the journal, not by the broker: the handler's own lease
 (``Receiver(lease=...)``, longer than the slowest handler) stops a redelivered job while the
 first still runs, and an ``ok`` record makes any later copy a no-op. Set the Redis broker's
 ``visibility_timeout`` above the lease as well. Whatever a broker loses (an outage at
