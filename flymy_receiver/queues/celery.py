@@ -16,12 +16,12 @@ started with ``celery -A module worker`` on the module that builds the receiver 
     )
 
 (``reject_on_worker_lost`` is the task option of the app setting
-``task_reject_on_worker_lost``.) Running twice is prevented by the journal, not by the broker: the handler's own lease
-(``Receiver(lease=...)``, longer than the slowest handler) stops a redelivered job while the
-first still runs, and an ``ok`` record makes any later copy a no-op. Set the Redis broker's
-``visibility_timeout`` above the lease as well. Whatever a broker loses (an outage at
-delivery, a job in flight on a killed worker), ``journal.sweep()`` sends again: schedule
-:meth:`CeleryQueue.schedule_sweep` on beat.
+``task_reject_on_worker_lost``.) Running twice is prevented by the journal, not by the
+broker: the handler's own lease (``Receiver(lease=...)``, longer than the slowest handler)
+stops a redelivered job while the first still runs, and an ``ok`` record makes any later
+copy a no-op. Set the Redis broker's ``visibility_timeout`` above the lease as well.
+Whatever a broker loses (an outage at delivery, a job in flight on a killed worker),
+``journal.sweep()`` sends again: schedule :meth:`CeleryQueue.schedule_sweep` on beat.
 """
 
 from __future__ import annotations
