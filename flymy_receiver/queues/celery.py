@@ -22,24 +22,26 @@ stops a redelivered job while the first still runs, and an ``ok`` record makes a
 copy a no-op. Set the Redis broker's ``visibility_timeout`` above the lease as well.
 Whatever a broker loses (an outage at delivery, a job in flight on a killed worker),
 ``journal.sweep()`` sends again: schedule :meth:`CeleryQueue.schedule_sweep` on beat.
+
+The web process publishes each job while the sender waits: a broker that is down costs a
+delivery Celery's publish retries (``task_publish_retry_policy``) and connection timeout
+(``broker_connection_timeout``); keep both short. The delivery is answered 200 all the same.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..deferred import DEFAULT_SWEEP_AGE
 from ..errors import ConfigurationError
+from ..stores.urls import redacted_url
 
 if TYPE_CHECKING:
     from ..receiver import Receiver
 
 __all__ = ["DEFAULT_SWEEP_TASK", "DEFAULT_TASK", "CeleryQueue"]
-
-logger = logging.getLogger("flymy_receiver")
 
 #: The worker task's name, unless ``name=`` says otherwise.
 DEFAULT_TASK = "flymy_receiver.run_deferred"
@@ -84,8 +86,7 @@ class CeleryQueue:
 
     @property
     def broker_url_shown(self) -> str:
-        from ..stores.urls import redacted_url
-
+        """The broker URL with its credentials masked, for logs and messages."""
         return redacted_url(self.broker_url) if self.broker_url else "-"
 
     def bind(self, receiver: Receiver) -> None:
