@@ -73,13 +73,16 @@ def answer_times(env: dict[str, str], inline: int, deferred: int) -> dict[str, l
     port = free_port()
     argv = gunicorn(APP, port, workers=2)
     argv[-1:-1] = ["--threads", "4", "--log-level", "warning"]
-    bodies = distinct_bodies(small_output(), inline + deferred + 8)
+    warm = 24  # every thread of both workers has published once, and run a slow handler
+    bodies = distinct_bodies(small_output(), inline + deferred + 2 * warm)
     with serve(argv, port, env=env, cwd=ROOT):
-        timed_posts(port, "/deferred-slow", bodies[:4], 4)  # warm both up
-        timed_posts(port, "/inline-slow", bodies[4:8], 4)
+        timed_posts(port, "/deferred-slow", bodies[:warm], 8)
+        timed_posts(port, "/inline-slow", bodies[warm : 2 * warm], 8)
+        rest = bodies[2 * warm :]
+        # Four senders at a time: gunicorn's eight threads never make a request queue.
         return {
-            "inline": timed_posts(port, "/inline-slow", bodies[8 : 8 + inline], 8),
-            "deferred": timed_posts(port, "/deferred-slow", bodies[8 + inline :], 8),
+            "inline": timed_posts(port, "/inline-slow", rest[:inline], 4),
+            "deferred": timed_posts(port, "/deferred-slow", rest[inline:], 4),
         }
 
 
@@ -111,18 +114,24 @@ def queue_lag(env: dict[str, str], directory: Path, count: int) -> list[float]:
     port = free_port()
     argv = gunicorn(APP, port, workers=1)
     argv[-1:-1] = ["--log-level", "warning"]
-    worker = Worker("bench", env, directory / "worker.log", module="benchmarks.apps.deferred_app")
-    bodies = distinct_bodies(small_output(), count)
+    worker = Worker(
+        "bench", env, directory / "worker.log", module="benchmarks.apps.deferred_app:celery_app"
+    )
+    warm = 10  # the first jobs open the worker's store and broker connections: not counted
+    bodies = distinct_bodies(small_output(), count + warm)
     sent: dict[str, float] = {}
     with serve(argv, port, env=env, cwd=ROOT):
         worker.start()
         try:
-            for signed in bodies:
+            timed_posts(port, "/deferred", bodies[:warm], 1)
+            for signed in bodies[warm:]:
                 run_id = orjson.loads(signed.body)["data"]["run_id"]
                 sent[run_id] = time.time()
                 timed_posts(port, "/deferred", [signed], 1)
                 time.sleep(0.05)
-            wait_until(lambda: len(_started(directory)) >= count, timeout=120, what="the jobs")
+            wait_until(
+                lambda: len(_started(directory)) >= count + warm, timeout=120, what="the jobs"
+            )
         finally:
             worker.stop()
     started = _started(directory)

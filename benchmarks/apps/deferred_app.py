@@ -3,7 +3,7 @@ journal file each), and the Celery app whose worker runs the deferred ones:
 
     BENCH_DIR=/tmp/x BENCH_BROKER=redis://127.0.0.1:6379/0 \
         gunicorn benchmarks.apps.deferred_app:app
-    BENCH_DIR=/tmp/x BENCH_BROKER=... celery -A benchmarks.apps.deferred_app worker
+    BENCH_DIR=/tmp/x BENCH_BROKER=... celery -A benchmarks.apps.deferred_app:celery_app worker
 
 - ``/inline-noop``: an inline handler that does nothing;
 - ``/deferred``: one deferred handler (records when it started, for the queue lag);
