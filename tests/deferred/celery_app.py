@@ -8,6 +8,7 @@ handler does is steered by the event's ``output`` and by marker files in ``FLYMY
 
 - ``hold``: wait (bounded) until the file ``go-<run_id>`` exists before the effect, so that
   a test knows the answer came while the handler was still running (or kills its worker);
+  the file ``pid-<run_id>`` says which process runs it;
 - the file ``broken`` makes the ``flaky`` handler raise (the fix is deleting it).
 """
 
@@ -96,6 +97,7 @@ def build(directory: Path, broker_url: str, queue: Queue | None = None) -> tuple
     def enrich(event: Any) -> None:
         output = event.data.output if isinstance(event.data.output, dict) else {}
         if output.get("hold"):
+            (directory / f"pid-{event.data.run_id}").write_text(str(os.getpid()))
             go = directory / f"go-{event.data.run_id}"
             deadline = time.monotonic() + HOLD_LIMIT
             while not go.exists() and time.monotonic() < deadline:

@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -127,6 +128,40 @@ def test_a_worker_killed_mid_handler_runs_again_after_its_lease(
     assert sorted(e[1] for e in effects(tmp_path)) == ["enrich", "note"]
     entry = web.journal.get(key)
     assert entry.handlers["enrich"].attempts == 2
+
+
+def test_a_pool_process_killed_mid_handler_is_redelivered_and_runs_once(
+    web: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    """Celery's own redelivery (acks_late, reject_on_worker_lost): the new pool process gets
+    the job while the dead one's lease lasts and leaves it; the sweep sends it after."""
+    key = "run.completed:run_pool"
+    worker = Worker("pool", env, tmp_path / "logs" / "pool.log", pool="prefork")
+    worker.start()
+    try:
+        deliver(web, make_event(run_id="run_pool", output={"hold": True}))
+        pid_file = tmp_path / "pid-run_pool"
+        wait_until(pid_file.exists, what="a pool process to start the handler")
+        child = int(pid_file.read_text())
+        assert child != worker.pid
+        os.kill(child, signal.SIGKILL)
+        wait_until(
+            lambda: "running elsewhere" in worker.output(),
+            what="the redelivered job to find the lease held",
+        )
+        assert [e[1] for e in effects(tmp_path)] == ["note"]
+        wait_until(
+            lambda: web.journal.get(key).handlers["enrich"].lease_until < time.time(),
+            what="the lease to run out",
+        )
+        (tmp_path / "go-run_pool").touch()
+        sent = web.journal.sweep(older_than=timedelta(0))
+        assert [(j.key, j.handler) for j in sent] == [(key, "enrich")]
+        wait_until(lambda: handled(web, key), timeout=60, what="the entry to be handled")
+    finally:
+        worker.stop()
+    assert sorted(e[1] for e in effects(tmp_path)) == ["enrich", "note"]
+    assert web.journal.get(key).handlers["enrich"].attempts == 2
 
 
 def test_a_web_process_killed_between_commit_and_enqueue_loses_nothing(
