@@ -29,8 +29,9 @@ from flymy_receiver.queues.celery import CeleryQueue
 from flymy_receiver.stores import SQLiteStore
 
 SECRET = "whsec-deferred-tests"
-#: Short, so that the lease of a killed worker runs out within a test.
-LEASE = timedelta(seconds=3)
+#: Short, so that the lease of a killed worker runs out within a test; long enough that a
+#: busy machine's stalls (seconds, on a shared CI box) never outlast it by accident.
+LEASE = timedelta(seconds=float(os.environ.get("FLYMY_TEST_LEASE", "10")))
 #: The worker task's retry policy: three runs in all, no delay between them.
 TASK_OPTIONS: dict[str, Any] = {
     "acks_late": True,
