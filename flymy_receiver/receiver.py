@@ -103,8 +103,7 @@ class Receiver(Router):
         queue: Queue | None = None,
     ) -> None:
         super().__init__()
-        #: The task queue of the deferred handlers (``None``: every handler runs inline).
-        self.queue = queue
+        self._queue: Queue | None = None
         self._keys = normalize_secrets(secret)
         if max_body_size < 1:
             raise ValueError("max_body_size must be positive")
@@ -142,7 +141,24 @@ class Receiver(Router):
             self.journal = Journal(journal_store, self, self._refusal_log)
         #: The calls waiting for runs' webhooks (:meth:`wait_for`, :meth:`results`).
         self.waiters = Waiters(self.store, self.journal.store if self.journal else None)
-        if queue is not None:
+        self.queue = queue
+
+    @property
+    def queue(self) -> Queue | None:
+        """The task queue of the deferred handlers (``None``: every handler runs inline)."""
+        return self._queue
+
+    @queue.setter
+    def queue(self, queue: Queue | None) -> None:
+        # Given later than the handlers: they are checked again (refused without a queue).
+        previous, self._queue = self._queue, queue
+        try:
+            for handler in self.handlers():
+                _deferred.check_deferrable(self, handler)
+        except ConfigurationError:
+            self._queue = previous
+            raise
+        if queue is not None and queue is not previous:
             queue.bind(self)  # registers the worker task: `celery -A module worker` finds it
 
     def __repr__(self) -> str:

@@ -117,6 +117,17 @@ def test_a_router_with_deferred_handlers_is_refused_where_it_cannot_run(tmp_path
     assert [h.id for h in fine.handlers() if h.deferred] == ["later"]
 
 
+def test_a_queue_taken_away_after_registration_is_refused(tmp_path: Path) -> None:
+    receiver, queue, _ran = build(tmp_path)
+    with pytest.raises(ConfigurationError, match="queue"):
+        receiver.queue = None
+    assert receiver.queue is queue  # unchanged
+    other = RecordingQueue()
+    receiver.queue = other  # a queue given later is bound like one given at construction
+    assert receiver.queue is other
+    assert other.bound is receiver
+
+
 # -- the delivery ------------------------------------------------------------------------
 
 
