@@ -89,12 +89,14 @@ def check_deferrable(receiver: Receiver, handler: Handler) -> None:
             " store is seen by this process only (use SQLiteStore, RedisStore, PostgresStore"
             " or DjangoStore)"
         )
-    store = receiver.store
-    if receiver.journal is None or not callable(getattr(store, "claim_handler", None)):
+    if receiver.journal is None:
         raise ConfigurationError(
-            f"{where} needs the delivery journal (the journal is the outbox): a store that"
-            f" keeps one and journal=True; {type(store).__name__} with journal="
-            f"{receiver.journal is not None} cannot"
+            f"{where} needs the delivery journal (the journal is the outbox): journal=True"
+        )
+    if not callable(getattr(receiver.store, "claim_handler", None)):
+        raise ConfigurationError(
+            f"{where}: {type(receiver.store).__name__} cannot run deferred handlers"
+            " (it has no claim_handler)"
         )
 
 
