@@ -146,6 +146,7 @@ def test_a_delivery_runs_inline_handlers_and_sends_one_job_per_deferred_handler(
     assert entry is not None
     assert entry.state == "queued"
     assert entry.handlers["inline"].ok
+    assert [(a.source, a.status, a.outcome) for a in entry.history] == [("sender", 200, "queued")]
     for name in ("later", "later-async"):
         outcome = entry.handlers[name]
         assert (outcome.ok, outcome.state, outcome.deferred) == (False, "queued", True)
