@@ -39,10 +39,12 @@ APP = textwrap.dedent(
         if event.data.run_id.startswith("run_bad") and not fixed:
             raise RuntimeError("crm is down")
 
-    @receiver.on("run.failed")
     def alert(event):
         if not fixed:
             raise RuntimeError("pager is down")
+
+    if not os.environ.get("ALERT_REMOVED"):  # a later version of the app drops it
+        receiver.on("run.failed")(alert)
 
     if os.environ.get("SEED"):
         fixed = False
@@ -163,6 +165,13 @@ def test_replay_failed_takes_the_filters(app_dir: Path) -> None:
     rest = journal(app_dir, "replay", "--failed", "--agent", "agent_a", "--per-second", "50")
     assert rest.returncode == 1  # still broken: both still failed
     assert "replayed 2: 0 handled, 2 still failed" in rest.stdout
+
+
+def test_a_replay_that_runs_no_handler_says_so_and_fails(app_dir: Path) -> None:
+    result = journal(app_dir, "replay", "run_bad3", env={"ALERT_REMOVED": "1"})
+    assert result.returncode == 1
+    assert result.stdout.strip() == "run_bad3: no handler ran (none wants this event now)"
+    assert run_ids(listed(app_dir, "--run-id", "run_bad3", "--state", "failed")) == ["run_bad3"]
 
 
 # -- resolve --------------------------------------------------------------------------------
