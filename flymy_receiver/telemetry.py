@@ -26,7 +26,6 @@ What a delivery records:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import threading
 import time
@@ -336,18 +335,21 @@ def _backlog_of(journal: Journal) -> tuple[int, int, float] | None:
 
 
 _api: _Api | None = None
+_missing = False
 _api_lock = threading.Lock()
 
 
 def telemetry_for() -> Telemetry:
     """The telemetry of a new receiver: on when ``opentelemetry-api`` is installed."""
-    global _api
+    global _api, _missing
     if _api is None:
-        if importlib.util.find_spec("opentelemetry") is None or (
-            importlib.util.find_spec("opentelemetry.trace") is None
-        ):
+        if _missing:
             return Telemetry(None)
         with _api_lock:
             if _api is None:
-                _api = _Api()
+                try:
+                    _api = _Api()
+                except ImportError:  # opentelemetry-api is not installed: stay off
+                    _missing = True
+                    return Telemetry(None)
     return Telemetry(_api)
