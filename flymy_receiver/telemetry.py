@@ -26,17 +26,21 @@ What a delivery records:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+
+from .errors import public_name
 
 if TYPE_CHECKING:
     from .journal import Journal
+    from .responses import Response
 
-__all__ = ["OUTCOMES", "DeliveryTrace", "Telemetry", "telemetry_for"]
+__all__ = ["OUTCOMES", "DeliveryTrace", "Telemetry", "current", "telemetry_for"]
 
 logger = logging.getLogger("flymy_receiver")
 
@@ -47,6 +51,18 @@ OUTCOMES = ("handled", "duplicate", "failed", "ignored", "refused", "deferred")
 GAUGE_SCAN_LIMIT = 1000
 
 _INSTRUMENTATION = "flymy_receiver"
+
+#: The delivery being traced in this context (copied into worker threads with it).
+_CURRENT: contextvars.ContextVar[DeliveryTrace | None] = contextvars.ContextVar(
+    "flymy_receiver_delivery_trace", default=None
+)
+#: Where the job context says when the job was sent, for the queue lag.
+ENQUEUED_AT = "flymy-enqueued-at"
+
+
+def current() -> DeliveryTrace | None:
+    """The delivery traced in this context, if any (the plan's hooks read it)."""
+    return _CURRENT.get()
 
 
 class Telemetry:
@@ -64,12 +80,43 @@ class Telemetry:
         """Whether ``opentelemetry-api`` is installed (spans may be made)."""
         return self._api is not None
 
-    def delivery(self, body_size: int) -> DeliveryTrace | None:
-        """Start a delivery's span, or ``None`` when nothing is configured to receive it."""
+    def delivery(self, body_size: int, replay: bool = False) -> DeliveryTrace | None:
+        """Start a delivery's span (``flymy_receiver.replay`` for a replay), or ``None``
+        when nothing is configured to receive it."""
         api = self._api
         if api is None or not api.configured():
             return None
+        if replay:
+            return DeliveryTrace(api, body_size, "flymy_receiver.replay")
         return DeliveryTrace(api, body_size)
+
+    def observe(self, trace: DeliveryTrace, call: Callable[[], Response]) -> Response:
+        """Run ``call`` (a delivery) as ``trace``'s span, then end it with the answer."""
+        token = _CURRENT.set(trace)
+        try:
+            response = call()
+        except BaseException:
+            trace.end(500)
+            raise
+        finally:
+            _CURRENT.reset(token)
+        trace.end(response.status, response)
+        return response
+
+    async def aobserve(
+        self, trace: DeliveryTrace, call: Callable[[], Awaitable[Response]]
+    ) -> Response:
+        """The async twin of :meth:`observe`."""
+        token = _CURRENT.set(trace)
+        try:
+            response = await call()
+        except BaseException:
+            trace.end(499)  # cancelled or failed: no answer was given
+            raise
+        finally:
+            _CURRENT.reset(token)
+        trace.end(response.status, response)
+        return response
 
     def watch(self, journal: Journal) -> None:
         """Report ``journal``'s backlog through the observable gauges."""
@@ -92,6 +139,9 @@ class Telemetry:
             yield None
             return
         links = []
+        if context and ENQUEUED_AT in context:
+            with contextlib.suppress(ValueError):
+                api.last_lag = max(0.0, time.time() - float(context[ENQUEUED_AT]))
         if context:
             carried = api.trace.get_current_span(api.propagate.extract(dict(context)))
             span_context = carried.get_span_context()
@@ -120,13 +170,13 @@ class DeliveryTrace:
 
     __slots__ = ("_api", "_event", "_outcome", "_span", "_start")
 
-    def __init__(self, api: _Api, body_size: int) -> None:
+    def __init__(self, api: _Api, body_size: int, name: str = "flymy_receiver.delivery") -> None:
         self._api = api
         self._start = time.perf_counter()
         self._event = "-"
-        self._outcome = "refused"
+        self._outcome = ""
         self._span = api.tracer.start_span(
-            "flymy_receiver.delivery",
+            name,
             kind=api.trace.SpanKind.SERVER,
             attributes={"http.request.body.size": body_size},
         )
@@ -142,14 +192,16 @@ class DeliveryTrace:
         self._span.set_attributes(attributes)
 
     def refused(self, reason: str) -> None:
+        if self._outcome == "refused":  # one reason per delivery: the first
+            return
         self._outcome = "refused"
         self._span.set_attribute("flymy.refusal_reason", reason)
         self._api.refusals.add(1, {"flymy.refusal_reason": reason})
 
     def outcome(self, outcome: str) -> None:
-        """``handled``, ``duplicate``, ``failed``, ``ignored``, ``deferred`` (or ``refused``)."""
+        """``handled``, ``duplicate``, ``failed``, ``ignored``, ``deferred`` (or ``refused``);
+        by default it is read from the answer."""
         self._outcome = outcome
-        self._span.set_attribute("flymy.duplicate", outcome == "duplicate")
 
     @contextlib.contextmanager
     def handler(self, handler_id: str) -> Iterator[HandlerTrace]:
@@ -168,14 +220,18 @@ class DeliveryTrace:
                 record.end()
 
     def job_context(self) -> dict[str, str]:
-        """The trace context for a deferred handler's job (W3C ``traceparent``)."""
-        carrier: dict[str, str] = {}
+        """The trace context for a deferred handler's job (W3C ``traceparent``) and when
+        it was sent (for the queue lag)."""
+        carrier: dict[str, str] = {ENQUEUED_AT: f"{time.time():.6f}"}
         self._api.propagate.inject(carrier, context=self._api.trace.set_span_in_context(self._span))
         return carrier
 
-    def end(self, status: int) -> None:
+    def end(self, status: int, response: Response | None = None) -> None:
         api = self._api
         span = self._span
+        if not self._outcome:
+            self._outcome = _outcome_of(status, response)
+        span.set_attribute("flymy.duplicate", self._outcome == "duplicate")
         span.set_attribute("http.response.status_code", status)
         if status >= 500:
             span.set_status(api.trace.Status(api.trace.StatusCode.ERROR))
@@ -183,6 +239,41 @@ class DeliveryTrace:
         attributes = {"flymy.event": self._event, "flymy.outcome": self._outcome}
         api.deliveries.add(1, attributes)
         api.delivery_duration.record(time.perf_counter() - self._start, attributes)
+
+
+def _outcome_of(status: int, response: Response | None) -> str:
+    if status == 500:
+        return "failed"
+    if not 200 <= status < 300:
+        return "refused"
+    body = response.body if response is not None else b""
+    if b'"duplicate"' in body:
+        return "duplicate"
+    if b'"deferred"' in body:
+        return "deferred"
+    return "handled"
+
+
+def traced_call(trace: DeliveryTrace, handler_id: str, call: Callable[[], Any]) -> Any:
+    """Run one handler inside its span (a failure recorded on it, then re-raised)."""
+    with trace.handler(handler_id) as record:
+        try:
+            return call()
+        except BaseException as exc:
+            record.failed(exc)
+            raise
+
+
+async def atraced_call(
+    trace: DeliveryTrace, handler_id: str, call: Callable[[], Awaitable[Any]]
+) -> Any:
+    """The async twin of :func:`traced_call`."""
+    with trace.handler(handler_id) as record:
+        try:
+            return await call()
+        except BaseException as exc:
+            record.failed(exc)
+            raise
 
 
 class HandlerTrace:
@@ -240,11 +331,11 @@ class _Api:
         self.refusals = meter.create_counter(
             "flymy_receiver.refusals", unit="{delivery}", description="Refused deliveries"
         )
-        self.delivery_duration = meter.create_histogram(
-            "flymy_receiver.delivery.duration", unit="s", description="Time to answer a delivery"
+        self.delivery_duration = _seconds_histogram(
+            meter, "flymy_receiver.delivery.duration", "Time to answer a delivery"
         )
-        self.handler_duration = meter.create_histogram(
-            "flymy_receiver.handler.duration", unit="s", description="Time a handler ran"
+        self.handler_duration = _seconds_histogram(
+            meter, "flymy_receiver.handler.duration", "Time a handler ran"
         )
         self.last_lag: float | None = None
         self._journals: weakref.WeakSet[Journal] = weakref.WeakSet()
@@ -282,6 +373,34 @@ class _Api:
         internal = self._metrics_internal
         return internal is not None and internal._METER_PROVIDER is not None
 
+    def observe(self, trace: DeliveryTrace, call: Callable[[], Response]) -> Response:
+        """Run ``call`` (a delivery) as ``trace``'s span, then end it with the answer."""
+        token = _CURRENT.set(trace)
+        try:
+            response = call()
+        except BaseException:
+            trace.end(500)
+            raise
+        finally:
+            _CURRENT.reset(token)
+        trace.end(response.status, response)
+        return response
+
+    async def aobserve(
+        self, trace: DeliveryTrace, call: Callable[[], Awaitable[Response]]
+    ) -> Response:
+        """The async twin of :meth:`observe`."""
+        token = _CURRENT.set(trace)
+        try:
+            response = await call()
+        except BaseException:
+            trace.end(499)  # cancelled or failed: no answer was given
+            raise
+        finally:
+            _CURRENT.reset(token)
+        trace.end(response.status, response)
+        return response
+
     def watch(self, journal: Journal) -> None:
         self._journals.add(journal)
 
@@ -296,7 +415,7 @@ class _Api:
         def callback(options: Any) -> list[Any]:
             observations = []
             for journal, counts in self._read_backlog():
-                attributes = {"flymy.store": type(journal.store).__name__}
+                attributes = {"flymy.store": public_name(journal.store)}
                 observations.append(self.metrics.Observation(counts[index], attributes))
             return observations
 
@@ -317,6 +436,20 @@ class _Api:
                         cached[id(journal)] = counts
                 self._backlog = (now, cached)
         return [(j, cached[id(j)]) for j in journals if id(j) in cached]
+
+
+#: Seconds, as the HTTP semantic conventions bucket durations (the SDK's default buckets
+#: are for milliseconds).
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+
+def _seconds_histogram(meter: Any, name: str, description: str) -> Any:
+    try:
+        return meter.create_histogram(
+            name, unit="s", description=description, explicit_bucket_boundaries_advisory=_BUCKETS
+        )
+    except TypeError:  # an API older than 1.23 takes no advisory
+        return meter.create_histogram(name, unit="s", description=description)
 
 
 def _backlog_of(journal: Journal) -> tuple[int, int, float] | None:
