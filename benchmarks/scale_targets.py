@@ -39,6 +39,8 @@ class Target:
     """One store under measurement (see the module docstring)."""
 
     store: Store
+    #: Whether targets of several sizes can be open at once (their own databases).
+    side_by_side = True
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -259,6 +261,8 @@ class PostgresTarget(_CloningTarget):
 
 class DjangoTarget(_CloningTarget):
     """DjangoStore on SQLite (one database file for the run, emptied between sizes)."""
+
+    side_by_side = False
 
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)
