@@ -295,12 +295,13 @@ def _in_one_transaction(
     if not autocommit:
         conn.autocommit = True  # BEGIN and COMMIT are ours, in the pipeline
     try:
-        with conn.pipeline(), conn.cursor() as control, conn.cursor() as cur:
-            control.execute("BEGIN")
-            control.execute(set_local)
-            cur.execute(statement, params)
-            control.execute("COMMIT")
-        return cur.fetchall() if cur.description is not None else []
+        with conn.cursor() as control, conn.cursor() as cur:
+            with conn.pipeline():
+                control.execute("BEGIN")
+                control.execute(set_local)
+                cur.execute(statement, params)
+                control.execute("COMMIT")
+            return cur.fetchall() if cur.description is not None else []
     finally:
         if not autocommit and not conn.closed:
             conn.autocommit = False
