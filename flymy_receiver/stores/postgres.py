@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 from ..errors import StoreUnavailable
 from . import postgres_pool
 from .base import Claim, ClaimState
-from .postgres_pool import DEFAULT_TIMEOUT, GRACE, WATCHDOG, Connections
+from .postgres_pool import DEFAULT_TIMEOUT, GRACE, WATCHDOG, AnswerLost, Connections
 from .postgres_sql import BYTE_SHARDS, PREFIX, REQUIRED_COLUMNS, TABLES, Queries, ddl, quote
 from .records import (
     Attempt,
@@ -146,7 +146,7 @@ class PostgresStore:
         self._channel = _channel(schema)
         self._conn = Connections(url_or_pool, self.timeout, pool_size, self._set_up)
         self._writes = itertools.count(1)
-        self._given_up: queue.Queue[tuple[str, str, float]] | None = None
+        self._given_up: queue.Queue[tuple[str, str, int, float]] | None = None
         self._given_up_pid = 0
         self._given_up_lock = threading.Lock()
         _GIVING_UP.add(self)
@@ -185,10 +185,10 @@ class PostgresStore:
             statement = self._q.claim_plain
         try:
             row = self._one(statement, params, write=True)
-        except StoreUnavailable:
+        except AnswerLost as lost:
             # The statement may have taken effect with no answer reaching us: never let that
             # claim hold the event (M2). Giving up a claim that never was is a no-op.
-            self._give_up_later(db_key, token, float(lease))
+            self._give_up_later(db_key, token, float(lease), lost.backend_pid)
             raise
         acquired, done, left, names, prior = row[0], row[1], row[2], row[3], row[4]
         if acquired:
@@ -522,8 +522,9 @@ class PostgresStore:
 
     # -- claims given up after their answer was lost (M2) --------------------------------
 
-    def _give_up_later(self, db_key: str, token: str, lease: float) -> None:
-        """Queue the release, by token, of a claim whose answer never came."""
+    def _give_up_later(self, db_key: str, token: str, lease: float, backend_pid: int) -> None:
+        """Queue the release, by token, of a claim whose answer never came, once the server
+        process that had it is gone (until then it may still commit it)."""
         with self._given_up_lock:
             if self._given_up is None or self._given_up_pid != os.getpid():
                 self._given_up = queue.Queue(_GIVE_UP_QUEUE)
@@ -536,28 +537,29 @@ class PostgresStore:
                 ).start()
             pending = self._given_up
         try:
-            pending.put_nowait((db_key, token, time.monotonic() + lease))
+            pending.put_nowait((db_key, token, backend_pid, time.monotonic() + lease))
         except queue.Full:  # its lease will end it
             logger.debug("too many claims to give up; %s waits for its lease", db_key[:_LOGGED])
 
-    def _give_up_loop(self, pending: queue.Queue[tuple[str, str, float]]) -> None:
+    def _give_up_loop(self, pending: queue.Queue[tuple[str, str, int, float]]) -> None:
         while True:
-            db_key, token, deadline = pending.get()
+            db_key, token, pid, deadline = pending.get()
             try:
-                while True:
+                while time.monotonic() < deadline:
                     now = self._clock() if self._clock is not None else time.time()
                     attempt = Attempt(now, "sender", 503, "unavailable")
-                    params = {"key": db_key, "token": token, "attempts": _attempts(attempt)}
+                    params = {
+                        "key": db_key,
+                        "token": token,
+                        "pid": pid,
+                        "attempts": _attempts(attempt),
+                    }
                     try:
-                        self._rows(self._q.give_up, params)
-                        break
+                        if self._one(self._q.give_up, params)[0]:
+                            break  # given up, or it never took effect
                     except StoreUnavailable as exc:
-                        if time.monotonic() > deadline:
-                            logger.debug(
-                                "could not give up the claim on %s: %s", db_key[:_LOGGED], exc
-                            )
-                            break
-                        time.sleep(0.2)
+                        logger.debug("could not give up the claim on %s: %s", db_key[:_LOGGED], exc)
+                    time.sleep(0.2)
             finally:
                 pending.task_done()
 

@@ -40,7 +40,7 @@ from psycopg_pool import ConnectionPool
 
 from ..errors import ConfigurationError, StoreUnavailable
 
-__all__ = ["DEFAULT_TIMEOUT", "GRACE", "WATCHDOG", "Connections", "Watchdog"]
+__all__ = ["DEFAULT_TIMEOUT", "GRACE", "WATCHDOG", "AnswerLost", "Connections", "Watchdog"]
 
 logger = logging.getLogger("flymy_receiver")
 
@@ -58,12 +58,23 @@ GRACE = 1.0
 _RETRY_SQLSTATES = frozenset({None, "57P01", "57P02", "57P03", "40P01", "40001"})
 
 
+class AnswerLost(StoreUnavailable):
+    """A statement was sent and no answer came: it may have taken effect, or may still. The
+    server process that ran it is ``backend_pid``: once it is gone, the statement either
+    took effect or never will."""
+
+    def __init__(self, detail: str, backend_pid: int) -> None:
+        super().__init__(detail)
+        self.backend_pid = backend_pid
+
+
 @dataclass
 class Attempt:
     """How far one try got, to tell whether trying again is safe."""
 
     connected: bool = False
     cut: bool = False
+    backend_pid: int = 0
 
     def retryable(self, exc: BaseException) -> bool:
         # Not after a cut (the server is stalled) nor a timeout (it is slow).
@@ -146,12 +157,15 @@ class Connections:
                 in_time = time.monotonic() - started < self.timeout
                 if tries > 0 and in_time and attempt.retryable(exc):
                     continue
+                if attempt.connected:
+                    raise AnswerLost(self.describe(exc, attempt), attempt.backend_pid) from None
                 raise StoreUnavailable(self.describe(exc, attempt)) from None
 
     def _attempt(self, statement: str, params: Mapping[str, Any] | None, attempt: Attempt) -> Rows:
         pool = self._pool_here()
         with pool.connection(timeout=self.timeout) as conn:
             attempt.connected = True
+            attempt.backend_pid = conn.info.backend_pid
             guard = WATCHDOG.arm(conn.fileno(), self.timeout + GRACE)
             try:
                 try:

@@ -347,16 +347,24 @@ SELECT (SELECT count(*) FROM released), (SELECT count(*) FROM entry),
 """
 
 # A claim whose answer never came (the server stalled after it was sent): given up by its
-# token once the server answers. Its entry, still pending, shows as stalled at once.
+# token once the server process that had it is gone (before, it may still commit it). Its
+# entry, still pending, shows as stalled at once. The first column says whether it is over.
 _GIVE_UP = """
-WITH released AS (
+WITH settled AS (
+    SELECT NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity WHERE pid = %(pid)s) AS ok
+),
+released AS (
     DELETE FROM {s}.flymy_deliveries
-    WHERE key = %(key)s AND token = %(token)s AND NOT done
+    WHERE key = %(key)s AND token = %(token)s AND NOT done AND (SELECT ok FROM settled)
+    RETURNING 1
+),
+entry AS (
+    UPDATE {s}.flymy_journal j SET
+        lease_until = {now}, updated_at = {now}, history = {appended}
+    WHERE j.key = %(key)s AND j.state = 'pending' AND EXISTS (SELECT 1 FROM released)
     RETURNING 1
 )
-UPDATE {s}.flymy_journal j SET
-    lease_until = {now}, updated_at = {now}, history = {appended}
-WHERE j.key = %(key)s AND j.state = 'pending' AND EXISTS (SELECT 1 FROM released)
+SELECT (SELECT ok FROM settled), (SELECT count(*) FROM entry)
 """
 
 # An event no handler wanted: a new entry is ignored; an existing one counts an attempt and

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -34,10 +34,10 @@ TIMEOUT = 1.0
 
 
 @pytest.fixture
-def server(postgres_server: PostgresServer) -> Iterator[PostgresServer]:
+def server(postgres_server: PostgresServer) -> PostgresServer:
     postgres_server.thaw()
     postgres_server.start()
-    yield postgres_server
+    return postgres_server
 
 
 def _schema() -> str:
@@ -148,7 +148,7 @@ def test_m2_a_claim_whose_answer_was_lost_never_holds_the_event(server: Postgres
 def test_m2_a_given_up_claim_leaves_its_entry_stalled_not_pending(server: PostgresServer) -> None:
     store = _store(server.url)
     claim = store.claim("k", 600, _entry("k"))
-    store._give_up_later("k", claim.token, 600)
+    store._give_up_later("k", claim.token, 600, 0)  # no server process to wait for
     assert store._wait_given_up(20)
     entry = store.journal_get("k")
     assert entry is not None
@@ -263,7 +263,7 @@ def test_l10_any_schema_name_the_constructor_accepts_works(
     store.close()
 
 
-# -- create=False, and tables of the previous release -----------------------------------------------
+# -- create=False, and tables of the previous release ------------------------------------------
 
 
 def test_create_false_refuses_missing_tables_and_creates_nothing(server: PostgresServer) -> None:
@@ -274,7 +274,7 @@ def test_create_false_refuses_missing_tables_and_creates_nothing(server: Postgre
             call()
         assert "do not exist" in str(caught.value)
         assert "create=False" in str(caught.value)
-    found = server.psql(f"SELECT count(*) FROM pg_namespace WHERE nspname = '{schema}'")
+    found = server.psql(f"SELECT count(*) FROM pg_namespace WHERE nspname = '{schema}'")  # noqa: S608
     assert found.strip() == "0"
     store.close()
 
@@ -342,7 +342,8 @@ def test_m4_past_max_journal_bytes_entries_are_kept_without_their_body(
         assert claim.state is ClaimState.ACQUIRED  # the claim never suffers
         store.complete(key, claim.token, 60, {"h": HandlerOutcome(ok=True, at=1.0)})
     a, b = store.journal_get("a"), store.journal_get("b")
-    assert a is not None and b is not None
+    assert a is not None
+    assert b is not None
     assert (a.body, a.body_dropped) == (body, False)
     assert (b.body, b.body_dropped, b.body_size) == (None, True, 60)
     assert store.claim("b", 30).state is ClaimState.DONE  # idempotency record kept
@@ -396,7 +397,7 @@ def test_get_and_every_list_filter_use_an_index_not_a_scan_of_the_journal(
     store.claim("seed", 30, _entry("seed", "run_seed"))  # the tables exist
     table = f'"{store.schema}".flymy_journal'
     server.psql(
-        f"INSERT INTO {table} (key, event, run_id, agent_id, agent_name, state, attempts,"
+        f"INSERT INTO {table} (key, event, run_id, agent_id, agent_name, state, attempts,"  # noqa: S608
         " received_at, updated_at, retention, expires, body, headers, handlers, lease_until)"
         " SELECT 'run.completed:run_' || i, CASE WHEN i % 10 = 0 THEN 'run.failed'"
         " ELSE 'run.completed' END, 'run_' || i, 'agent_' || (i % 50), 'agent',"
