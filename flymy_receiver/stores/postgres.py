@@ -364,6 +364,11 @@ class PostgresStore:
         """Record a deferred handler's run (see :mod:`flymy_receiver.stores.base`)."""
         recorded = _outcome_dict(outcome)
         recorded["deferred"] = True
+        # What the worker does not know (its run count, when its job was sent) is kept from
+        # the stored outcome; its lease ends with the run.
+        for name in ("attempts", "queued_at", "lease_until"):
+            if not recorded.get(name):
+                recorded.pop(name, None)
         params = {
             "key": _db_key(key),
             "handler": _clean(handler),

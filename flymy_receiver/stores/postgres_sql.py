@@ -457,7 +457,9 @@ WITH claim AS (
 ),
 entry AS (
     UPDATE {s}.flymy_journal j SET
-        handlers = j.handlers || jsonb_build_object(%(handler)s::text, %(outcome)s::jsonb),
+        handlers = j.handlers || jsonb_build_object(%(handler)s::text,
+            (COALESCE(j.handlers -> %(handler)s::text, '{{}}') - 'token' - 'lease_until')
+                || %(outcome)s::jsonb),
         history = {appended},
         state = CASE
             WHEN NOT EXISTS (
