@@ -473,6 +473,11 @@ class PostgresStore:
         body = bytes(entry.body)
         params = {
             "key": db_key,
+            # Shown as given when it was only too long; a key no text column can hold (NUL,
+            # lone surrogates) is known by its digest, which then works as its key.
+            "full_key": entry.key
+            if db_key != entry.key and _clean(entry.key) == entry.key
+            else None,
             "event": _clean(entry.event),
             "run_id": _clean_or_none(entry.run_id),
             "agent_id": _clean_or_none(entry.agent_id),

@@ -27,7 +27,7 @@ TABLES = (
     "flymy_journal_bytes",
 )
 #: Columns a current table must have: their absence means tables of an older version.
-REQUIRED_COLUMNS = ("history", "note", "body_size", "body_dropped", "lease_until")
+REQUIRED_COLUMNS = ("history", "note", "body_size", "body_dropped", "lease_until", "full_key")
 #: Characters of sender-chosen text that indexes hold (4 bytes each at most, so an index
 #: entry stays far below PostgreSQL's 2.7 KB limit).
 PREFIX = 200
@@ -73,6 +73,8 @@ ALTER TABLE {s}.flymy_journal ADD COLUMN IF NOT EXISTS body_size bigint;
 ALTER TABLE {s}.flymy_journal ADD COLUMN IF NOT EXISTS body_dropped boolean NOT NULL DEFAULT false;
 ALTER TABLE {s}.flymy_journal ADD COLUMN IF NOT EXISTS lease_until double precision NOT NULL
     DEFAULT 0;
+-- A key too long for an index is stored as its digest (key); full_key keeps it as given.
+ALTER TABLE {s}.flymy_journal ADD COLUMN IF NOT EXISTS full_key text;
 ALTER TABLE {s}.flymy_journal ALTER COLUMN body DROP NOT NULL;
 -- The first release indexed whole run ids (a long one could never be journaled).
 DROP INDEX IF EXISTS {s}.flymy_journal_run;
@@ -134,13 +136,13 @@ _STATE = "CASE WHEN j.state = 'pending' AND j.lease_until <= {now} THEN 'stalled
 _SIZE = "COALESCE(j.body_size, octet_length(j.body))"
 #: What a summary holds (no body, no history, no headers): the columns of entry_from_row.
 LIST_COLUMNS = (
-    "j.key, j.event, j.run_id, j.agent_id, j.agent_name, " + _STATE + ", j.attempts,"
-    " j.received_at, j.updated_at, NULL::bytea, NULL::jsonb, j.handlers, NULL::jsonb,"
+    "COALESCE(j.full_key, j.key), j.event, j.run_id, j.agent_id, j.agent_name, " + _STATE + ","
+    " j.attempts, j.received_at, j.updated_at, NULL::bytea, NULL::jsonb, j.handlers, NULL::jsonb,"
     " j.note, " + _SIZE + ", j.body_dropped"
 )
 _FULL_COLUMNS = (
-    "j.key, j.event, j.run_id, j.agent_id, j.agent_name, " + _STATE + ", j.attempts,"
-    " j.received_at, j.updated_at, j.body, j.headers, j.handlers, j.history,"
+    "COALESCE(j.full_key, j.key), j.event, j.run_id, j.agent_id, j.agent_name, " + _STATE + ","
+    " j.attempts, j.received_at, j.updated_at, j.body, j.headers, j.handlers, j.history,"
     " j.note, " + _SIZE + ", j.body_dropped"
 )
 
@@ -200,7 +202,7 @@ entry AS (
     INSERT INTO {s}.flymy_journal AS j (
         key, event, run_id, agent_id, agent_name, state, attempts, received_at, updated_at,
         retention, expires, body, headers, handlers, history, note, body_size, body_dropped,
-        lease_until)
+        lease_until, full_key)
     SELECT %(key)s, %(event)s, %(run_id)s, %(agent_id)s, %(agent_name)s,
         CASE WHEN c.done AND NOT c.acquired THEN 'handled' ELSE 'pending' END,
         1, {now}, {now}, %(retention)s, {now} + %(retention)s,
@@ -211,7 +213,7 @@ entry AS (
             ELSE jsonb_build_array(jsonb_build_object('at', {now}, 'source', 'sender',
                 'status', 409, 'outcome', 'in_flight', 'duration', 0)) END,
         NULL, %(size)s, NOT f.ok,
-        CASE WHEN c.done AND NOT c.acquired THEN 0 ELSE c.expires END
+        CASE WHEN c.done AND NOT c.acquired THEN 0 ELSE c.expires END, %(full_key)s
     FROM claimed c LEFT JOIN old o ON true CROSS JOIN fits f
     ON CONFLICT (key) DO UPDATE SET
         attempts = CASE WHEN j.expires <= {now} THEN 1 ELSE j.attempts + 1 END,
@@ -377,11 +379,11 @@ entry AS (
     INSERT INTO {s}.flymy_journal AS j (
         key, event, run_id, agent_id, agent_name, state, attempts, received_at, updated_at,
         retention, expires, body, headers, handlers, history, note, body_size, body_dropped,
-        lease_until)
+        lease_until, full_key)
     SELECT %(key)s, %(event)s, %(run_id)s, %(agent_id)s, %(agent_name)s, 'ignored', 1,
         {now}, {now}, %(retention)s, {now} + %(retention)s,
         CASE WHEN f.ok THEN %(body)s::bytea END, %(headers)s, '{{}}', %(attempts)s, NULL,
-        %(size)s, NOT f.ok, 0
+        %(size)s, NOT f.ok, 0, %(full_key)s
     FROM fits f
     ON CONFLICT (key) DO UPDATE SET
         attempts = CASE WHEN j.expires <= {now} THEN 1 ELSE j.attempts + 1 END,
