@@ -1,7 +1,9 @@
 """A PostgreSQL idempotency store and delivery journal, for apps that already run PostgreSQL.
 
 psycopg 3 with its connection pool. Every store call is ONE statement, in autocommit (the
-SQL is in :mod:`.postgres_sql`, the connections in :mod:`.postgres_pool`), so a delivery
+statements are in :mod:`.postgres_sql`, the tables in :mod:`.postgres_schema`, the
+connections in :mod:`.postgres_pool`, the waiters' channel in :mod:`.postgres_notify`), so a
+delivery
 with one handler costs two round trips: the claim with its journal entry and the handlers
 already done; the completion with its outcomes, its history, the entry's state and the
 ``NOTIFY`` of the run's waiters. Each extra handler adds one (its own record).
@@ -27,14 +29,12 @@ store built before gunicorn forks its workers gives each worker its own connecti
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
 import os
 import queue
 import secrets
-import select
 import threading
 import time
 import weakref
@@ -54,9 +54,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 from ..errors import StoreUnavailable
 from . import postgres_pool
+from . import postgres_rows as values
 from .base import Claim, ClaimState
-from .postgres_pool import DEFAULT_TIMEOUT, GRACE, WATCHDOG, AnswerLost, Connections
-from .postgres_sql import BYTE_SHARDS, PREFIX, REQUIRED_COLUMNS, TABLES, Queries, ddl, quote
+from .postgres_notify import PostgresNotifier, channel
+from .postgres_pool import DEFAULT_TIMEOUT, AnswerLost, Connections
+from .postgres_schema import BYTE_SHARDS, PREFIX, REQUIRED_COLUMNS, TABLES, ddl, quote
+from .postgres_sql import Queries
 from .records import (
     Attempt,
     HandlerOutcome,
@@ -75,8 +78,6 @@ _PURGE_EVERY = 100
 _PURGE_BATCH = 500
 #: Refusal texts are cut to this many characters.
 _MAX_REASON, _MAX_DETAIL = 100, 1000
-#: Keys longer than this many bytes are stored as a digest (an index entry holds 2.7 KB).
-_MAX_KEY_BYTES = 512
 #: Claims waiting to be given up (beyond, their lease ends them).
 _GIVE_UP_QUEUE = 1000
 #: Characters of sender-chosen text in a log line.
@@ -143,7 +144,7 @@ class PostgresStore:
         self._clock = clock
         now = "%(now)s" if clock else _SERVER_NOW
         self._q = Queries.build(schema, now, max_journal_bytes is not None)
-        self._channel = _channel(schema)
+        self._channel = channel(schema)
         self._conn = Connections(url_or_pool, self.timeout, pool_size, self._set_up)
         self._writes = itertools.count(1)
         self._given_up: queue.Queue[tuple[str, str, int, float]] | None = None
@@ -169,7 +170,7 @@ class PostgresStore:
         """Take ``key`` for ``lease`` seconds unless it is done or held by a live claim;
         journal the delivery in the same statement."""
         token = secrets.token_hex(8)
-        db_key = _db_key(key)
+        db_key = values.db_key(key)
         params: dict[str, Any] = {
             "key": db_key,
             "token": token,
@@ -207,11 +208,11 @@ class PostgresStore:
     ) -> None:
         """Remember that ``handler`` succeeded for ``key`` for ``ttl`` seconds."""
         params = {
-            "key": _db_key(key),
-            "handler": _clean(handler),
+            "key": values.db_key(key),
+            "handler": values.clean(handler),
             "ttl": float(ttl),
             "journal": outcome is not None,
-            "outcomes": _outcomes({handler: outcome} if outcome is not None else {}),
+            "outcomes": values.outcomes_json({handler: outcome} if outcome is not None else {}),
         }
         self._one(self._q.mark, params, write=True)
 
@@ -227,12 +228,12 @@ class PostgresStore:
         entry becomes handled (queued while deferred handlers wait)."""
         queued = outcomes is not None and any(o.state == "queued" for o in outcomes.values())
         params = {
-            "key": _db_key(key),
+            "key": values.db_key(key),
             "ttl": float(ttl),
             "journal": outcomes is not None,
             "state": "queued" if queued else "handled",
-            "outcomes": _outcomes(outcomes or {}),
-            "attempts": _attempts(attempt),
+            "outcomes": values.outcomes_json(outcomes or {}),
+            "attempts": values.attempts_json(attempt),
             "channel": self._channel,
         }
         row = self._one(self._q.complete, params, write=True)
@@ -249,11 +250,11 @@ class PostgresStore:
         """Drop the claim held with ``token``; keep the per-handler records; the entry
         becomes failed (only while ``token`` holds the claim)."""
         params = {
-            "key": _db_key(key),
+            "key": values.db_key(key),
             "token": token,
             "journal": outcomes is not None,
-            "outcomes": _outcomes(outcomes or {}),
-            "attempts": _attempts(attempt),
+            "outcomes": values.outcomes_json(outcomes or {}),
+            "attempts": values.attempts_json(attempt),
             "channel": self._channel,
         }
         self._one(self._q.release, params, write=True)
@@ -263,16 +264,18 @@ class PostgresStore:
     def journal_ignore(self, entry: NewEntry, attempt: Attempt | None = None) -> None:
         """Record an authentic event that no handler wanted (an existing entry keeps its
         state and its body)."""
-        db_key = _db_key(entry.key)
+        db_key = values.db_key(entry.key)
         params = self._entry_params(entry, db_key)
-        params["attempts"] = _attempts(attempt)
+        params["attempts"] = values.attempts_json(attempt)
         self._one(self._q.ignore, params, write=True)
 
     def journal_get(self, key_or_run_id: str) -> JournalEntry | None:
         """The entry with this key, else the newest entry for this run id."""
         text = str(key_or_run_id)
-        rows = self._rows(self._q.journal_get, {"key": _db_key(text), "run": _clean(text)})
-        return _entry(rows[0]) if rows else None
+        rows = self._rows(
+            self._q.journal_get, {"key": values.db_key(text), "run": values.clean(text)}
+        )
+        return values.entry(rows[0]) if rows else None
 
     def journal_list(
         self,
@@ -301,14 +304,14 @@ class PostgresStore:
             query += " AND j.state = 'pending' AND j.lease_until > {now}"
         elif state is not None:
             query += " AND j.state = %(state)s"
-            params["state"] = _clean(state)
+            params["state"] = values.clean(state)
         for column, value in (("event", event), ("agent_id", agent_id), ("run_id", run_id)):
             if value is not None:
                 query += (
                     f" AND left(j.{column}, {PREFIX}) = left(%({column})s::text, {PREFIX})"
                     f" AND j.{column} = %({column})s"
                 )
-                params[column] = _clean(value)
+                params[column] = values.clean(value)
         if since is not None:
             query += " AND j.received_at >= %(since)s"
             params["since"] = since.timestamp()
@@ -317,22 +320,22 @@ class PostgresStore:
             params["until"] = until.timestamp()
         if before is not None:
             query += self._q.before
-            params["before"] = _db_key(str(before))
+            params["before"] = values.db_key(str(before))
         query += " ORDER BY j.received_at DESC, j.key DESC LIMIT %(limit)s"
         query = query.replace("{now}", "%(now)s" if self._clock else _SERVER_NOW)
-        return [_entry(row) for row in self._rows(query, params)]
+        return [values.entry(row) for row in self._rows(query, params)]
 
     def journal_resolve(self, key: str, note: str) -> bool:
         """Make the entry ``resolved`` with ``note``; False when there is no such entry."""
-        params = {"key": _db_key(str(key)), "note": _clean(str(note))}
+        params = {"key": values.db_key(str(key)), "note": values.clean(str(note))}
         return bool(self._rows(self._q.resolve, params, write=True))
 
     def claim_handler(self, key: str, handler: str, lease: float) -> Claim:
         """Take one deferred handler's own lease (``Claim.body`` holds the stored body)."""
         token = secrets.token_hex(8)
         params = {
-            "key": _db_key(key),
-            "handler": _clean(handler),
+            "key": values.db_key(key),
+            "handler": values.clean(handler),
             "token": token,
             "lease": float(lease),
         }
@@ -362,7 +365,7 @@ class PostgresStore:
         ttl: float,
     ) -> None:
         """Record a deferred handler's run (see :mod:`flymy_receiver.stores.base`)."""
-        recorded = _outcome_dict(outcome)
+        recorded = values.outcome_dict(outcome)
         recorded["deferred"] = True
         # What the worker does not know (its run count, when its job was sent) is kept from
         # the stored outcome; its lease ends with the run.
@@ -370,14 +373,14 @@ class PostgresStore:
             if not recorded.get(name):
                 recorded.pop(name, None)
         params = {
-            "key": _db_key(key),
-            "handler": _clean(handler),
+            "key": values.db_key(key),
+            "handler": values.clean(handler),
             "token": token,
             "ok": bool(outcome.ok),
             "final": bool(final),
             "ttl": float(ttl),
             "outcome": Jsonb(recorded),
-            "attempts": _attempts(attempt),
+            "attempts": values.attempts_json(attempt),
             "channel": self._channel,
         }
         self._one(self._q.finish_handler, params, write=True)
@@ -389,11 +392,11 @@ class PostgresStore:
         nor ``queued``), in one query: how waiters look many runs up at once."""
         if not run_ids:
             return {}
-        stored = {_clean(run_id): run_id for run_id in run_ids}
+        stored = {values.clean(run_id): run_id for run_id in run_ids}
         params = {"runs": list(stored), "prefixes": sorted({r[:PREFIX] for r in stored})}
         rows = self._rows(self._q.journal_settled, params)
         # Oldest first: the newest entry of a run is the one kept.
-        return {stored.get(row[2], row[2]): _entry(row) for row in rows}
+        return {stored.get(row[2], row[2]): values.entry(row) for row in rows}
 
     def notifier(self) -> PostgresNotifier:
         """``LISTEN``/``NOTIFY`` on this database, to wake waiters in other processes
@@ -405,8 +408,8 @@ class PostgresStore:
         params = {
             "at": refusal.at.timestamp(),
             "status": int(refusal.status),
-            "reason": _clean(refusal.reason)[:_MAX_REASON],
-            "detail": _clean(refusal.detail)[:_MAX_DETAIL],
+            "reason": values.clean(refusal.reason)[:_MAX_REASON],
+            "detail": values.clean(refusal.detail)[:_MAX_DETAIL],
             "keep": self.max_refusals,
         }
         self._rows(self._q.refusal, params)
@@ -476,16 +479,16 @@ class PostgresStore:
             # Shown as given when it was only too long; a key no text column can hold (NUL,
             # lone surrogates) is known by its digest, which then works as its key.
             "full_key": entry.key
-            if db_key != entry.key and _clean(entry.key) == entry.key
+            if db_key != entry.key and values.clean(entry.key) == entry.key
             else None,
-            "event": _clean(entry.event),
-            "run_id": _clean_or_none(entry.run_id),
-            "agent_id": _clean_or_none(entry.agent_id),
-            "agent_name": _clean_or_none(entry.agent_name),
+            "event": values.clean(entry.event),
+            "run_id": values.clean_or_none(entry.run_id),
+            "agent_id": values.clean_or_none(entry.agent_id),
+            "agent_name": values.clean_or_none(entry.agent_name),
             "retention": float(entry.retention),
             "body": body,
             "size": len(body),
-            "headers": Jsonb({_clean(k): _clean(v) for k, v in entry.headers.items()}),
+            "headers": Jsonb({values.clean(k): values.clean(v) for k, v in entry.headers.items()}),
             "channel": self._channel,
         }
         if self.max_journal_bytes is not None:
@@ -562,7 +565,7 @@ class PostgresStore:
                         "key": db_key,
                         "token": token,
                         "pid": pid,
-                        "attempts": _attempts(attempt),
+                        "attempts": values.attempts_json(attempt),
                     }
                     try:
                         if self._one(self._q.give_up, params)[0]:
@@ -581,155 +584,6 @@ class PostgresStore:
                 return False
             time.sleep(0.01)
         return True
-
-
-class PostgresNotifier:
-    """Ended deliveries announced with ``NOTIFY`` on one channel per schema (the payload
-    is the run id); a subscriber is one dedicated connection, outside the pool, that
-    ``LISTEN``s for every waiter of its receiver.
-
-    The store's own statements announce: the completion, the failure, an ignored event and
-    a deferred handler's last run each ``NOTIFY`` in the statement that settles the entry
-    (no round trip of its own), so :meth:`publish` has nothing left to send."""
-
-    def __init__(self, store: PostgresStore) -> None:
-        self._store = store
-        self.channel = store._channel
-
-    def __repr__(self) -> str:
-        return f"PostgresNotifier(channel={self.channel!r})"
-
-    def publish(self, run_id: str) -> None:
-        """Nothing to do: the statement that settled the run's entry announced it."""
-
-    def subscribe(self) -> _PostgresSubscription:
-        """Connect and ``LISTEN``; return once listening."""
-        store = self._store
-        conn = store._conn.listen_connection()
-        subscription = _PostgresSubscription(conn, store)
-        try:
-            subscription.run(f"LISTEN {quote(self.channel)}")
-        except BaseException:
-            subscription.close()
-            raise
-        return subscription
-
-
-class _PostgresSubscription:
-    def __init__(self, conn: psycopg.Connection[Any], store: PostgresStore) -> None:
-        self._conn = conn
-        self._store = store
-        self._arrived: list[str] = []
-        conn.add_notify_handler(lambda notify: self._arrived.append(notify.payload))
-
-    def get(self, timeout: float) -> list[str] | None:
-        if not self._arrived:
-            try:
-                readable, _, _ = select.select([self._conn.fileno()], [], [], timeout)
-            except (OSError, ValueError, psycopg.Error) as exc:
-                raise StoreUnavailable(f"postgres: {type(exc).__name__}") from None
-            if readable:
-                # Something arrived: a statement makes psycopg read it (on every version),
-                # handing each notification to the handler above.
-                self.run("SELECT 1")
-        arrived, self._arrived = self._arrived, []
-        return None if "" in arrived else arrived
-
-    def run(self, statement: str) -> None:
-        """One statement on the listening connection, bounded like every other call."""
-        conn = self._conn
-        try:
-            guard = WATCHDOG.arm(conn.fileno(), self._store.timeout + GRACE)
-            try:
-                conn.execute(statement)
-            finally:
-                WATCHDOG.disarm(guard)
-        except psycopg.Error as exc:
-            raise StoreUnavailable(self._store._conn.describe(exc, None)) from None
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-def _channel(schema: str) -> str:
-    """The notification channel of a schema: a name of at most 63 bytes."""
-    name = "flymy_awaiting" if schema == "public" else f"flymy_awaiting:{schema}"
-    if len(name.encode("utf-8")) > 63:
-        name = "flymy_awaiting:" + hashlib.sha256(schema.encode("utf-8")).hexdigest()[:32]
-    return name
-
-
-def _db_key(key: str) -> str:
-    """The key as stored: PostgreSQL text cannot hold NUL, and an index entry at most
-    2.7 KB, so such a key is kept as its digest (the same key always maps to the same)."""
-    if "\x00" not in key:
-        try:
-            if len(key.encode("utf-8")) <= _MAX_KEY_BYTES:
-                return key
-        except UnicodeEncodeError:
-            pass
-    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"sha256-of-unstorable-key:{digest}"
-
-
-def _clean(text: str) -> str:
-    """``text`` storable as PostgreSQL text and JSON (no NUL, valid UTF-8), for display."""
-    text = str(text)
-    if "\x00" in text:
-        text = text.replace("\x00", "\ufffd")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "replace").decode("utf-8")
-    return text
-
-
-def _clean_or_none(text: str | None) -> str | None:
-    return None if text is None else _clean(text)
-
-
-def _outcome_dict(outcome: HandlerOutcome) -> dict[str, Any]:
-    data = outcome.to_dict()
-    data["error"] = _clean_or_none(outcome.error)
-    data["traceback"] = _clean_or_none(outcome.traceback)
-    return data
-
-
-def _outcomes(outcomes: Mapping[str, HandlerOutcome]) -> Jsonb:
-    return Jsonb({_clean(name): _outcome_dict(o) for name, o in outcomes.items()})
-
-
-def _attempts(attempt: Attempt | None) -> Jsonb:
-    """The attempt to append to an entry's history, as a JSON array (empty: none)."""
-    if attempt is None:
-        return Jsonb([])
-    data = attempt.to_dict()
-    if attempt.handler is not None:
-        data["handler"] = _clean(attempt.handler)
-    return Jsonb([data])
-
-
-def _entry(row: tuple[Any, ...]) -> JournalEntry:
-    handlers = row[11] or {}
-    history = row[12]
-    return JournalEntry(
-        key=row[0],
-        event=row[1],
-        run_id=row[2],
-        agent_id=row[3],
-        agent_name=row[4],
-        state=row[5],
-        attempts=int(row[6]),
-        received_at=to_datetime(float(row[7])),
-        updated_at=to_datetime(float(row[8])),
-        body=bytes(row[9]) if row[9] is not None else None,
-        headers=dict(row[10] or {}),
-        handlers={str(name): HandlerOutcome.from_dict(value) for name, value in handlers.items()},
-        history=tuple(Attempt.from_dict(item) for item in history or ()),
-        note=row[13],
-        body_size=int(row[14] or 0),
-        body_dropped=bool(row[15]),
-    )
 
 
 def _warn_lease_lost(key: str) -> None:
