@@ -3,10 +3,9 @@
 psycopg 3 with its connection pool. Every store call is ONE statement, in autocommit (the
 statements are in :mod:`.postgres_sql`, the tables in :mod:`.postgres_schema`, the
 connections in :mod:`.postgres_pool`, the waiters' channel in :mod:`.postgres_notify`), so a
-delivery
-with one handler costs two round trips: the claim with its journal entry and the handlers
-already done; the completion with its outcomes, its history, the entry's state and the
-``NOTIFY`` of the run's waiters. Each extra handler adds one (its own record).
+delivery with one handler costs two round trips: the claim with its journal entry and the
+handlers already done; the completion with its outcomes, its history, the entry's state and
+the ``NOTIFY`` of the run's waiters. Each extra handler adds one (its own record).
 
 - A claim is one ``INSERT ... ON CONFLICT DO UPDATE`` on the event's row, which takes the
   row lock, so of many receivers claiming one event at once exactly one wins. Every
