@@ -48,6 +48,8 @@ logger = logging.getLogger("flymy_receiver")
 APP = "flymy_receiver.django"
 #: Expired rows are deleted once per this many claims, in the claim's transaction.
 _PURGE_EVERY = 500
+#: Seconds between two reads of the bytes the journal's bodies take (``max_journal_bytes``).
+_KEPT_BYTES_REFRESH = 5.0
 
 
 class TransactionalQueue(Protocol):
@@ -97,6 +99,8 @@ class DjangoStore(HandlerRuns, JournalReads):
         self._clock = clock
         self._claims = itertools.count(1)
         self._models: ModuleType | None = None
+        self._kept_bytes: int | None = None
+        self._kept_read_at = 0.0
 
     def __repr__(self) -> str:
         return f"DjangoStore(using={self.using!r})"
@@ -315,12 +319,20 @@ class DjangoStore(HandlerRuns, JournalReads):
             self._journal_update(m, key, now, outcomes={handler: outcome})
 
     def _fresh(
-        self, m: ModuleType, entry: NewEntry, now: float, state: str, attempt: Attempt | None
+        self,
+        m: ModuleType,
+        entry: NewEntry,
+        now: float,
+        state: str,
+        attempt: Attempt | None,
+        keeps_body: bool = True,
     ) -> dict[str, Any]:
-        """A new entry's columns."""
+        """A new entry's columns (``keeps_body``: whether its body will be stored)."""
         at = db_time(now)
         body: bytes | None = entry.body
-        if self.max_journal_bytes is not None and not self._room_for(m, len(entry.body)):
+        if self.max_journal_bytes is not None and not (
+            keeps_body and self._room_for(m, len(entry.body))
+        ):
             body = None  # degrade the journal only: the claim goes on
         return {
             "event": text(entry.event, m.TEXT_LENGTH),
@@ -352,7 +364,7 @@ class DjangoStore(HandlerRuns, JournalReads):
         entries = m.JournalEntry.objects.using(self.using)
         acquired = claim.state is ClaimState.ACQUIRED
         attempt = None if acquired else _sender_attempt(claim, now)
-        fresh = self._fresh(m, entry, now, "pending", attempt)
+        fresh = self._fresh(m, entry, now, "pending", attempt, keeps_body=acquired)
         if acquired:
             fresh["lease_until"] = now + lease
         elif claim.state is ClaimState.DONE:
@@ -440,16 +452,27 @@ class DjangoStore(HandlerRuns, JournalReads):
         entries.filter(pk=row.pk).update(**changes)
 
     def _room_for(self, m: ModuleType, size: int) -> bool:
-        """Whether the journal's bodies stay within ``max_journal_bytes`` with ``size`` more."""
+        """Whether the journal's bodies stay within ``max_journal_bytes`` with ``size`` more
+        (counting the bodies this process kept since the total was last read)."""
         from django.db.models import Sum
 
-        # An aggregate over live bodies; only stores given a limit pay for it.
-        kept = (
-            m.JournalEntry.objects.using(self.using)
-            .filter(body_dropped=False, expires__gt=self._clock())
-            .aggregate(total=Sum("body_size"))["total"]
-        )
-        return (kept or 0) + size <= (self.max_journal_bytes or 0)
+        limit = self.max_journal_bytes or 0
+        if size > limit:
+            return False
+        moment = time.monotonic()
+        if self._kept_bytes is None or moment - self._kept_read_at >= _KEPT_BYTES_REFRESH:
+            # An aggregate over the live bodies, read again every few seconds (other
+            # processes add theirs): only stores given a limit pay for it.
+            total = (
+                m.JournalEntry.objects.using(self.using)
+                .filter(body_dropped=False, expires__gt=self._clock())
+                .aggregate(total=Sum("body_size"))["total"]
+            )
+            self._kept_bytes, self._kept_read_at = int(total or 0), moment
+        if self._kept_bytes + size > limit:
+            return False
+        self._kept_bytes += size
+        return True
 
     def _purge(self, m: ModuleType, now: float) -> int:
         """One bounded batch per table of what has expired."""
