@@ -57,6 +57,10 @@ class TransactionalQueue(Protocol):
 
     def enqueue(self, key: str, handler_id: str, context: Mapping[str, str]) -> None: ...
 
+    def writes_to(self, using: str) -> bool:
+        """Whether its jobs are rows of the database ``using``."""
+        ...
+
 
 class DjangoStore(HandlerRuns, JournalReads):
     """Claims, per-handler records, the journal and refusals in a Django database.
@@ -171,9 +175,11 @@ class DjangoStore(HandlerRuns, JournalReads):
                 state = "queued" if queued else "handled"
                 self._journal_update(m, key, now, state=state, outcomes=outcomes, attempt=attempt)
             queue = self.transactional_queue
-            for handler in queued if queue is not None else ():
+            if not queued or queue is None or not queue.writes_to(self.using):
+                return
+            for handler in queued:
                 try:  # a row in this transaction: committed with the entry, or not at all
-                    queue.enqueue(key, handler, context or {})  # type: ignore[union-attr]
+                    queue.enqueue(key, handler, context or {})
                 except Exception as exc:
                     if _is_database_error(exc):
                         raise
