@@ -75,6 +75,7 @@ class DjangoTasksQueue:
         self.queue_name = queue_name
         self.priority = priority
         self.receiver: Receiver | None = None
+        self._writes_to: dict[str, bool] = {}
 
     def __repr__(self) -> str:
         return f"DjangoTasksQueue(backend={self.backend!r}, queue_name={self.queue_name!r})"
@@ -103,21 +104,30 @@ class DjangoTasksQueue:
         from ..django.store import DjangoStore
 
         store = self.receiver.store if self.receiver is not None else None
-        return isinstance(store, DjangoStore) and self.writes_to(store.using)
+        if not isinstance(store, DjangoStore):
+            return False
+        return self.writes_to(store.using)
 
     def writes_to(self, using: str) -> bool:
         """Whether this queue's jobs are rows of the database ``using`` (the database
         backend of the tasks framework, routed there)."""
+        # Settings do not change while the process runs: decided once per database.
+        known = self._writes_to.get(using)
+        if known is None:
+            known = self._writes_to[using] = self._decide_writes_to(using)
+        return known
+
+    def _decide_writes_to(self, using: str) -> bool:
         from django.db import router
 
         backend = _tasks().task_backends[self.backend]
         for backend_module, models_module in _DATABASE_BACKENDS:
             try:
                 database_backend = importlib.import_module(backend_module).DatabaseBackend
-                model = importlib.import_module(models_module).DBTaskResult
             except (ImportError, AttributeError):
                 continue
-            if isinstance(backend, database_backend):
+            if isinstance(backend, database_backend):  # then its app is installed
+                model = importlib.import_module(models_module).DBTaskResult
                 return bool(router.db_for_write(model) == using)
         return False
 

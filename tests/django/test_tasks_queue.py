@@ -232,3 +232,87 @@ def test_jobs_written_in_the_claims_transaction_need_no_sweep(project: Project) 
     project.start_worker()
     entry = project.settled(run_id)  # no sweep ran
     assert entry["leads"] == 1
+
+
+# -- in this process: the task's path, its retries, what it needs ---------------------------
+
+
+class _Recorder:
+    """What a receiver's ``run_deferred`` was asked, failing ``failures`` times."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: list[tuple[str, str, bool, dict[str, str]]] = []
+
+    def __call__(self, key: str, handler_id: str, *, final: bool, context: Any) -> str:
+        self.calls.append((key, handler_id, final, dict(context)))
+        if len(self.calls) <= self.failures:
+            raise RuntimeError("crm is down")
+        return "ok"
+
+
+@pytest.fixture
+def bound() -> Iterator[tuple[Any, _Recorder]]:
+    """A registered receiver on DjangoTasksQueue(attempts=3), the tasks framework's
+    immediate backend (this process has no TASKS setting), and a recording run_deferred."""
+    require("django")
+    require("django_tasks")
+    from flymy_receiver import Receiver
+    from flymy_receiver.django import DjangoStore, registry
+    from flymy_receiver.queues.django import DjangoTasksQueue
+    from tests.conftest import SECRET
+
+    receiver = Receiver(SECRET, store=DjangoStore())
+    queue = DjangoTasksQueue(attempts=3)
+    queue.bind(receiver)
+    receiver.queue = queue  # type: ignore[attr-defined]
+    recorder = _Recorder(failures=0)
+    receiver.run_deferred = recorder  # type: ignore[attr-defined,method-assign]
+    registry.register(receiver)
+    try:
+        yield queue, recorder
+    finally:
+        registry.unregister()
+
+
+def test_the_task_is_found_by_its_path() -> None:
+    require("django_tasks")
+    from django.utils.module_loading import import_string
+
+    from flymy_receiver.queues.django import TASK_PATH
+
+    assert import_string(TASK_PATH).module_path == TASK_PATH
+
+
+def test_a_failing_handler_is_sent_again_until_its_last_attempt(
+    bound: tuple[Any, _Recorder],
+) -> None:
+    queue, recorder = bound
+    recorder.failures = 5
+    queue.enqueue("run.completed:run_1", "app.enrich", {"traceparent": "00-ab-cd-01"})
+    assert [call[2] for call in recorder.calls] == [False, False, True]  # final the third
+    assert {call[:2] for call in recorder.calls} == {("run.completed:run_1", "app.enrich")}
+    assert all(call[3] == {"traceparent": "00-ab-cd-01"} for call in recorder.calls)
+    recorder.calls.clear()
+    recorder.failures = 0
+    queue.enqueue("run.completed:run_2", "app.enrich", {})
+    assert [call[2] for call in recorder.calls] == [False]
+
+
+def test_jobs_outside_the_stores_database_are_sent_by_the_receiver(
+    bound: tuple[Any, _Recorder],
+) -> None:
+    queue, _ = bound
+    assert queue.in_store_transaction is False  # the immediate backend writes no rows
+    assert queue.receiver.store.transactional_queue is queue
+
+
+def test_the_worker_needs_the_receiver() -> None:
+    require("django_tasks")
+    from flymy_receiver import ConfigurationError
+    from flymy_receiver.django import registry
+    from flymy_receiver.queues.django import _job
+
+    registry.unregister()
+    with pytest.raises(ConfigurationError, match="FLYMY_RECEIVER"):
+        _job("run.completed:run_1", "app.enrich", {})
