@@ -47,7 +47,9 @@ class JournalReads:
             if row is None:
                 newest = live.filter(run_digest=run_digest(key_or_run_id))
                 row = newest.order_by("-received_at", "-key").first()
-            return entry_from_row(row, now, full=True) if row is not None else None
+            if row is None:
+                return None
+            return entry_from_row(row, now, body=True, history=True)
 
     def journal_settled(self, run_ids: Sequence[str]) -> dict[str, JournalEntry]:
         """For each run id, its newest entry whose handlers have all finished (neither
@@ -68,7 +70,7 @@ class JournalReads:
             # A few rows per run: ordered here, oldest first, so that the newest is kept.
             for row in sorted(rows, key=lambda row: (row.received_at, row.key)):
                 if row.run_id == wanted.get(row.run_digest):
-                    found[row.run_id] = entry_from_row(row, now, full=True)
+                    found[row.run_id] = entry_from_row(row, now, body=True)
             return found
 
     def journal_list(
@@ -147,16 +149,16 @@ def _live(rows: Any, now: float) -> Any:
     return rows.alias(live_until=F("expires") + 0.0).filter(live_until__gt=now)
 
 
-def entry_from_row(row: Any, now: float, *, full: bool = False) -> JournalEntry:
-    """A row as a journal entry: with its body and history (``full``) or a summary."""
+def entry_from_row(
+    row: Any, now: float, *, body: bool = False, history: bool = False
+) -> JournalEntry:
+    """A row as a journal entry: a summary, or with its ``body`` and its ``history`` (read
+    only when asked: the query deferred them otherwise)."""
     state = row.state
     if state == "pending" and row.lease_until <= now:
         state = "stalled"  # its claim's lease has ended: its worker died
-    body: bytes | None = None
-    history: tuple[Attempt, ...] = ()
-    if full:
-        body = bytes(row.body) if row.body is not None else None
-        history = tuple(Attempt.from_dict(item) for item in (row.history or ()))
+    stored = bytes(row.body) if body and row.body is not None else None
+    attempts = tuple(Attempt.from_dict(item) for item in (row.history or ())) if history else ()
     return JournalEntry(
         key=row.key,
         event=row.event,
@@ -167,10 +169,10 @@ def entry_from_row(row: Any, now: float, *, full: bool = False) -> JournalEntry:
         attempts=row.attempts,
         received_at=aware(row.received_at),
         updated_at=aware(row.updated_at),
-        body=body,
+        body=stored,
         headers=dict(row.headers or {}),
         handlers={n: HandlerOutcome.from_dict(o) for n, o in (row.handlers or {}).items()},
-        history=history,
+        history=attempts,
         note=row.note,
         body_size=row.body_size,
         body_dropped=row.body_dropped,

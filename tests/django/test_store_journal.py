@@ -306,3 +306,15 @@ def test_purge_deletes_in_bounded_batches(store: Any, clock: FakeClock, queries:
     ]
     assert len(deletes) == 4  # 10 + 10 + 10 + 5
     assert [e.key for e in store.journal_list()] == [live]
+
+
+def test_waiters_look_many_runs_up_in_one_query(store: Any, queries: list[str]) -> None:
+    keys = [_key() for _ in range(3)]
+    for key in keys:
+        claim = store.claim(key, LEASE, _entry(key))
+        store.complete(key, claim.token, TTL, {"app.h": HandlerOutcome(ok=True)})
+    queries.clear()
+    found = store.journal_settled([key.rpartition(":")[2] for key in keys])
+    assert {entry.key for entry in found.values()} == set(keys)
+    assert all(entry.body == b'{"event":"run.completed"}' for entry in found.values())
+    assert len(queries) == 1
