@@ -154,7 +154,7 @@ class HandlerRuns:
             )
             if row is None:
                 raise KeyError(key)
-            prior = "stalled" if row.state == "pending" and row.lease_until <= now else row.state
+            prior = str(row.state)
             handlers = dict(row.handlers or {})
             current = HandlerOutcome.from_dict(handlers.get(handler) or {"ok": False})
             if handler in handlers and current.ok:

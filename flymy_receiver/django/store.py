@@ -399,11 +399,10 @@ class DjangoStore(HandlerRuns, JournalReads):
             for column in ("state", "body", "body_size", "body_dropped", "headers"):
                 changes[column] = fresh[column]
             changes["lease_until"] = now + lease
-            changes["note"] = None
         else:
             changes.update(_appended(row, attempt))
         entries.filter(pk=row.pk).update(**changes)
-        return _shown_state(row.state, row.lease_until, now)
+        return str(row.state)  # as stored: a stalled entry was pending
 
     def _journal_replay(
         self, m: ModuleType, key: str, claim: Claim, lease: float, now: float
@@ -417,10 +416,10 @@ class DjangoStore(HandlerRuns, JournalReads):
         )
         if row is None:
             return ""
-        prior = _shown_state(row.state, row.lease_until, now)
+        prior = str(row.state)
         changes: dict[str, Any] = {"updated_at": db_time(now), "expires": now + row.retention}
         if claim.state is ClaimState.ACQUIRED:
-            changes.update(state="pending", lease_until=now + lease, note=None)
+            changes.update(state="pending", lease_until=now + lease)
         elif claim.state is ClaimState.BUSY:
             changes.update(_appended(row, Attempt(now, "replay", 409, "in_flight")))
         else:
@@ -574,10 +573,6 @@ def _appended(row: Any, attempt: Attempt | None) -> dict[str, Any]:
         return {}
     history = [*(row.history or ()), attempt.to_dict()]
     return {"history": history[-HISTORY_LIMIT:]}
-
-
-def _shown_state(state: str, lease_until: float, now: float) -> str:
-    return "stalled" if state == "pending" and lease_until <= now else state
 
 
 def _is_database_error(exc: BaseException) -> bool:

@@ -147,10 +147,10 @@ def test_a_pending_entry_whose_lease_ended_is_stalled_and_listed_as_failed(
     assert [e.key for e in store.journal_list(state="failed")] == [dead]
     assert [e.key for e in store.journal_list(state="stalled")] == [dead]
     assert [e.key for e in store.journal_list(state="pending")] == [alive]
-    # The sender's retry takes the claim again: pending, and told it was stalled.
+    # The sender's retry takes the claim again: pending again (it was stored pending).
     again = store.claim(dead, LEASE, _entry(dead))
     assert again.state is ClaimState.ACQUIRED
-    assert again.prior_state == "stalled"
+    assert again.prior_state == "pending"
     assert store.journal_get(dead).state == "pending"
 
 
