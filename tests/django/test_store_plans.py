@@ -101,6 +101,22 @@ def test_get_list_filters_and_keyset_use_indexes(alias: str) -> None:
                 raise AssertionError(f"{name}: {exc}") from None
 
 
+def test_pruning_finds_expired_entries_through_the_expiry_index(alias: str) -> None:
+    from flymy_receiver.django import DjangoStore
+
+    clock = FakeClock()
+    store = DjangoStore(using=alias, clock=clock)
+    _fill(store)
+    clock.advance(7200)  # past every entry's retention
+    for sql, params in _statements(alias, store.purge):
+        plan = _plan(alias, sql, params)
+        _check(alias, plan)
+        if alias == "postgres":  # a range of the index, not a walk of another one
+            assert re.search(r"Index Cond: \(expires <=", plan), plan
+        else:
+            assert re.search(rf"SEARCH {TABLE} USING (COVERING )?INDEX \S*expires", plan), plan
+
+
 @pytest.fixture(autouse=True)
 def _django() -> None:
     from tests.conftest import require
