@@ -324,6 +324,8 @@ class DjangoTarget(_CloningTarget):
             "updated_at": at("updated_at"),
             "expires": at("expires", f" + {retention}"),
             "lease_until": "0",
+            # DjangoStore finds run ids through their SHA-256 (a function of this connection).
+            "run_digest": f"flymy_sha256('scale_' || {i})",
         }
 
     def fill(self, n: int) -> None:
@@ -335,6 +337,12 @@ class DjangoTarget(_CloningTarget):
         self._clone(first, k, time.time() - 90 * DAY, 1.0, DAY)
 
     def _clone(self, first: int, n: int, start: float, step: float, retention: float) -> None:
+        import hashlib
+
+        self.connection.ensure_connection()
+        self.connection.connection.create_function(
+            "flymy_sha256", 1, lambda text: hashlib.sha256(text.encode()).hexdigest()
+        )
         names, values = self._select("c.i", repr(start), repr(step), repr(retention))
         self._sql(
             "WITH RECURSIVE c(i) AS (SELECT %s UNION ALL SELECT i + 1 FROM c WHERE i + 1 < %s) "  # noqa: S608 (names from the catalog)
