@@ -13,16 +13,17 @@ plan is written once, so both paths answer every case alike.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from . import events as _events
 from .awaiting import DEFAULT_TIMEOUT, Waiters
@@ -56,7 +57,14 @@ from .stores.base import AtomicStore, Claim, ClaimState, JournalStore, Store, jo
 from .stores.memory import MemoryStore
 from .stores.records import HandlerOutcome, JournalEntry, NewEntry
 
-__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BODY_SIZE", "READ_HEADERS", "Receiver", "Response"]
+__all__ = [
+    "DEFAULT_MAX_AGE",
+    "DEFAULT_MAX_BODY_SIZE",
+    "READ_HEADERS",
+    "Offload",
+    "Receiver",
+    "Response",
+]
 
 logger = logging.getLogger("flymy_receiver")
 
@@ -72,6 +80,16 @@ AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
 
 #: Longer idempotency keys are replaced by a digest of themselves.
 _MAX_KEY_LENGTH = 200
+
+_T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """How :meth:`Receiver.ahandle` runs one blocking call off the event loop: by default
+    ``asyncio.to_thread``; an adapter may pass its framework's own (Django's ``aview`` uses
+    ``sync_to_async``, so database connections follow Django's request lifecycle)."""
+
+    def __call__(self, func: Callable[[], _T], /) -> Awaitable[_T]: ...
 
 
 @dataclass(slots=True)
@@ -230,9 +248,20 @@ class Receiver(Router):
             response: Response = stop.value
             return response
 
-    async def ahandle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
+    async def ahandle(
+        self,
+        body: bytes,
+        headers: Headers = (),
+        method: str = "POST",
+        *,
+        offload: Offload | None = None,
+    ) -> Response:
         """The async twin of :meth:`handle`: awaits async handlers, runs sync handlers and
-        blocking store calls in a worker thread so the event loop never stalls."""
+        blocking store calls in a worker thread so the event loop never stalls.
+
+        ``offload`` runs each blocking call (default ``asyncio.to_thread``; see
+        :class:`Offload`)."""
+        to_thread: Offload = offload or asyncio.to_thread
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
@@ -241,18 +270,18 @@ class Receiver(Router):
             # Only blocking work: the whole plan in one worker-thread hop, not one per store
             # call and handler. A cancelled caller stops waiting; the delivery still ends
             # properly in its thread, so no claim is left behind.
-            return await asyncio.to_thread(self._run, delivery)
+            return await to_thread(lambda: self._run(delivery))
         plan = self._deliver(delivery)
         try:
             step = plan.send(None)
             while True:
                 try:
                     if isinstance(step, _StoreCall):
-                        result = await asyncio.to_thread(step) if offload_store else step()
+                        result = await to_thread(step) if offload_store else step()
                     elif step.handler.is_async:
                         result = await step.handler.func(step.event)
                     else:
-                        result = await asyncio.to_thread(step.handler.func, step.event)
+                        result = await to_thread(functools.partial(step.handler.func, step.event))
                 except Exception as exc:  # handed to the plan, which decides
                     step = plan.throw(exc)
                 else:
