@@ -212,7 +212,7 @@ def test_every_bad_value_is_one_command_error_line(journal: Any, args: tuple[str
     assert "\n" not in message
     assert "\x1b" not in message
     assert len(message) < 400
-    code, out, err = run_as_manage_py(*args)
+    code, _out, err = run_as_manage_py(*args)
     assert code == 1
     assert err.startswith("CommandError: ")
     assert err.count("\n") == 1  # one line
@@ -244,6 +244,6 @@ def test_database_is_refused_for_a_receiver_outside_django(journal: Any, tmp_pat
     from flymy_receiver.stores import SQLiteStore
 
     register(Receiver(SECRET, store=SQLiteStore(str(tmp_path / "journal.sqlite3"))))
-    with pytest.raises(CommandError, match="does not apply: .*SQLiteStore"):
+    with pytest.raises(CommandError, match=r"does not apply: .*SQLiteStore"):
         run("list", "--database", "default")
     assert run("list") == "no journaled deliveries\n"  # the receiver's own journal
