@@ -3,48 +3,39 @@
 This module performs no I/O of its own and imports no web framework. The only I/O a delivery
 causes is through the idempotency store it is given and the handlers it runs. Adapters read
 the raw body, call :meth:`Receiver.handle` or :meth:`Receiver.ahandle`, and translate the
-:class:`Response` back; every decision about a status code is made here, once.
-
-A delivery is a plan of steps (a generator of actions) that two small drivers run: one with
-plain calls, one that awaits async handlers and moves blocking work off the event loop. The
-plan is written once, so both paths answer every case alike.
+:class:`Response` back; every decision about a status code is made here or in the delivery
+plan it hands an authentic event to (:mod:`flymy_receiver.delivery`), once.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import hashlib
 import logging
-import threading
 import time
-import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 from . import events as _events
 from .awaiting import DEFAULT_TIMEOUT, Waiters
+from .delivery import AnyEvent, Delivery, Offload, arun, log_refusal, run, run_id_of
 from .errors import (
     ConfigurationError,
-    EventInFlight,
     HandlerFailed,
     InvalidSignature,
     MethodNotAllowed,
     PayloadTooLarge,
     StaleEvent,
-    StoreUnavailable,
     UnsupportedEncoding,
     WebhookError,
 )
-from .events import RunCompleted, RunFailed, UnknownEvent
+from .events import UnknownEvent
 from .headers import READ_HEADERS, Headers, read_headers
 from .journal import DEFAULT_JOURNAL_RETENTION, Journal, RefusalLog
 from .rationing import TokenBucket
-from .responses import DUPLICATE, RECEIVED, Response, refusal
-from .routing import Handler, OutputMismatch, Router, run_coroutine
+from .responses import RECEIVED, Response, refusal
+from .routing import Handler, Router
 from .signature import (
     SIGNATURE_HEADER,
     Secrets,
@@ -53,18 +44,11 @@ from .signature import (
     normalize_secrets,
     signature_candidates,
 )
-from .stores.base import AtomicStore, Claim, ClaimState, JournalStore, Store, journals, runs_atomic
+from .stores.base import JournalStore, Store, journals, runs_atomic
 from .stores.memory import MemoryStore
-from .stores.records import HandlerOutcome, JournalEntry, NewEntry
+from .stores.records import JournalEntry, NewEntry
 
-__all__ = [
-    "DEFAULT_MAX_AGE",
-    "DEFAULT_MAX_BODY_SIZE",
-    "READ_HEADERS",
-    "Offload",
-    "Receiver",
-    "Response",
-]
+__all__ = ["DEFAULT_MAX_AGE", "DEFAULT_MAX_BODY_SIZE", "READ_HEADERS", "Receiver", "Response"]
 
 logger = logging.getLogger("flymy_receiver")
 
@@ -76,67 +60,8 @@ DEFAULT_MAX_AGE = timedelta(days=3)
 DEFAULT_MAX_CLOCK_SKEW = timedelta(minutes=5)
 DEFAULT_LEASE = timedelta(minutes=5)
 
-AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
-
 #: Longer idempotency keys are replaced by a digest of themselves.
 _MAX_KEY_LENGTH = 200
-
-_T = TypeVar("_T")
-
-
-class Offload(Protocol):
-    """How :meth:`Receiver.ahandle` runs one blocking call off the event loop: by default
-    ``asyncio.to_thread``; an adapter may pass its framework's own (Django's ``aview`` uses
-    ``sync_to_async``, so database connections follow Django's request lifecycle)."""
-
-    def __call__(self, func: Callable[[], _T], /) -> Awaitable[_T]: ...
-
-
-@dataclass(slots=True)
-class _Delivery:
-    """An authentic, parsed event on its way to its handlers (or replayed from the journal).
-
-    ``entry`` is what the journal records with the claim (``None`` when the journal is off
-    or for a replay); ``skip`` names handlers the journal already saw succeed. ``held`` is
-    the token of the claim while this delivery holds it (given back if it is cancelled).
-    """
-
-    event: AnyEvent
-    raw: Any
-    key: str
-    run_id: str | None
-    handlers: list[Handler]
-    entry: NewEntry | None = None
-    replay: bool = False
-    force: bool = False
-    skip: frozenset[str] = frozenset()
-    held: str = ""
-
-
-@dataclass(slots=True)
-class _StoreCall:
-    """A step of the plan: call the store (may block on I/O)."""
-
-    call: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any] | None = None
-
-    def __call__(self) -> Any:
-        if self.kwargs:
-            return self.call(*self.args, **self.kwargs)
-        return self.call(*self.args)
-
-
-@dataclass(slots=True)
-class _HandlerCall:
-    """A step of the plan: run one handler with the event it wants."""
-
-    handler: Handler
-    event: Any
-
-
-_Action = _StoreCall | _HandlerCall
-_Plan = Generator[_Action, Any, Response]
 
 
 class Receiver(Router):
@@ -189,8 +114,6 @@ class Receiver(Router):
         self._clock = clock
         self._max_age_s = max_age.total_seconds() if max_age is not None else 0.0
         self._max_skew_s = max_clock_skew.total_seconds()
-        self._lease_s = lease.total_seconds()
-        self._retention_s = retention.total_seconds()
         self._hint_budget = TokenBucket(per_second=1.0, burst=10)
         if journal_retention <= timedelta(0):
             raise ValueError("journal_retention must be positive")
@@ -206,7 +129,7 @@ class Receiver(Router):
             for i in range(len(self._keys))
         ]
         if journal and journals(self.store):
-            journal_store = _as_journal_store(self.store)
+            journal_store: JournalStore = self.store  # type: ignore[assignment]  # journals() said so
             self._refusal_log = RefusalLog(journal_store)
             self.journal = Journal(journal_store, self, self._refusal_log)
         #: The calls waiting for runs' webhooks (:meth:`wait_for`, :meth:`results`).
@@ -225,28 +148,7 @@ class Receiver(Router):
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
-        return self._run(delivery)
-
-    def _run(self, delivery: _Delivery) -> Response:
-        """The plain driver of the plan: every step is a direct call."""
-        plan = self._deliver(delivery)
-        try:  # the plan's answer arrives as StopIteration
-            step = plan.send(None)
-            while True:
-                try:
-                    if isinstance(step, _StoreCall):
-                        result = step()
-                    elif step.handler.is_async:
-                        result = run_coroutine(step.handler.func(step.event))
-                    else:
-                        result = step.handler.func(step.event)
-                except Exception as exc:  # handed to the plan, which decides
-                    step = plan.throw(exc)
-                else:
-                    step = plan.send(result)
-        except StopIteration as stop:
-            response: Response = stop.value
-            return response
+        return run(self, delivery)
 
     async def ahandle(
         self,
@@ -260,42 +162,11 @@ class Receiver(Router):
         blocking store calls in a worker thread so the event loop never stalls.
 
         ``offload`` runs each blocking call (default ``asyncio.to_thread``; see
-        :class:`Offload`)."""
-        to_thread: Offload = offload or asyncio.to_thread
+        :class:`~flymy_receiver.delivery.Offload`)."""
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
-        offload_store = getattr(self.store, "blocking", True)
-        if not any(h.is_async for h in delivery.handlers) and (offload_store or delivery.handlers):
-            # Only blocking work: the whole plan in one worker-thread hop, not one per store
-            # call and handler. A cancelled caller stops waiting; the delivery still ends
-            # properly in its thread, so no claim is left behind.
-            return await to_thread(lambda: self._run(delivery))
-        plan = self._deliver(delivery)
-        try:
-            step = plan.send(None)
-            while True:
-                try:
-                    if isinstance(step, _StoreCall):
-                        result = await to_thread(step) if offload_store else step()
-                    elif step.handler.is_async:
-                        result = await step.handler.func(step.event)
-                    else:
-                        result = await to_thread(functools.partial(step.handler.func, step.event))
-                except Exception as exc:  # handed to the plan, which decides
-                    step = plan.throw(exc)
-                else:
-                    step = plan.send(result)
-        except StopIteration as stop:  # the plan's answer
-            response: Response = stop.value
-            return response
-        except BaseException:
-            # Cancelled (the client went away, a timeout): give the claim back now, so the
-            # sender's retry is not refused for a whole lease. It cannot be awaited here.
-            if delivery.held:
-                store, key, token = self.store, delivery.key, delivery.held
-                _in_background(lambda: store.release(key, token))
-            raise
+        return await arun(self, delivery, offload)
 
     async def wait_for(self, run_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> AnyEvent:
         """The event of run ``run_id`` once a delivery of it ended after its handlers ran
@@ -320,7 +191,7 @@ class Receiver(Router):
         try:
             self._check_request(headers, method)
         except WebhookError as exc:
-            _log_refusal(exc, None)
+            log_refusal(exc, None)
             self._note_refusal(exc)
             return refusal(exc)
         return None
@@ -344,7 +215,7 @@ class Receiver(Router):
 
     # -- the plan -----------------------------------------------------------------------
 
-    def _accept(self, body: bytes, headers: Headers, method: str) -> _Delivery | Response:
+    def _accept(self, body: bytes, headers: Headers, method: str) -> Delivery | Response:
         """Every check that needs no store: method, encoding, size, signature, envelope."""
         event: AnyEvent | None = None
         try:
@@ -362,11 +233,11 @@ class Receiver(Router):
             event, raw = _events.parse_event(body)
             self._check_window(event)
         except WebhookError as exc:
-            _log_refusal(exc, event)
+            log_refusal(exc, event)
             self._note_refusal(exc)
             return refusal(exc)
         handlers = self.handlers_for(event)
-        run_id = _run_id(event)
+        run_id = run_id_of(event)
         if not handlers:
             logger.debug("no handler for %s (run %s)", event.event, run_id)
             if self.journal is None:
@@ -381,7 +252,7 @@ class Receiver(Router):
         entry = None
         if self.journal is not None:
             entry = self._new_entry(event, key, run_id, body, secret_index)
-        return _Delivery(event, raw, key, run_id, handlers, entry)
+        return Delivery(event, raw, key, run_id, handlers, entry)
 
     def _new_entry(
         self, event: AnyEvent, key: str, run_id: str | None, body: bytes, secret_index: int
@@ -407,10 +278,10 @@ class Receiver(Router):
         event, raw = _events.parse_event(entry.body)  # authenticated when it arrived
         skip = frozenset() if force else frozenset(n for n, o in entry.handlers.items() if o.ok)
         handlers = self.handlers_for(event)
-        delivery = _Delivery(
-            event, raw, entry.key, _run_id(event), handlers, replay=True, force=force, skip=skip
+        delivery = Delivery(
+            event, raw, entry.key, run_id_of(event), handlers, replay=True, force=force, skip=skip
         )
-        return self._run(delivery)
+        return run(self, delivery)
 
     def _check_request(self, headers: Headers, method: str) -> list[Any]:
         """Method, encoding and declared length; returns the signature header lines."""
@@ -423,98 +294,6 @@ class Receiver(Router):
         if length is not None and length > self.max_body_size:
             raise PayloadTooLarge(f"content-length {length}")
         return signatures
-
-    def _deliver(self, d: _Delivery) -> _Plan:
-        """Claim the event, run the handlers that have not succeeded yet, record the result.
-
-        With the journal on, the same store calls carry the entry and each handler's
-        outcome. A replay runs this same plan over a stored body. Once the handlers have
-        finished (or no handler wanted the event), the run's waiters are told.
-        """
-        store = self.store
-        journal = self.journal is not None
-        if not d.handlers and d.entry is not None:
-            try:  # nothing can be lost: the answer is 200 whatever the store says
-                yield _StoreCall(_as_journal_store(store).journal_ignore, (d.entry,))
-            except Exception as exc:
-                logger.warning("could not journal ignored event %s: %r", d.key[:200], exc)
-            return (yield from self._ended(d, RECEIVED))
-        try:
-            if journal:
-                claim: Claim = yield _StoreCall(
-                    store.claim,
-                    (d.key, self._lease_s, d.entry),
-                    {"replay": True, "force": d.force} if d.replay else None,
-                )
-            else:
-                claim = yield _StoreCall(store.claim, (d.key, self._lease_s))
-        except Exception as exc:
-            return self._store_failed(exc, d, "claim")
-        if claim.state is ClaimState.DONE:
-            logger.info("duplicate of %s (run %s) acknowledged", d.event.event, d.run_id)
-            return (yield from self._ended(d, DUPLICATE))
-        if claim.state is ClaimState.BUSY:
-            error = EventInFlight(f"key {d.key!r}")
-            _log_refusal(error, d.event, level=logging.INFO)
-            return refusal(error, retry_after=min(claim.retry_after, 60.0))
-        token = d.held = claim.token
-        outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
-        for handler in d.handlers:
-            if handler.id in claim.done_handlers or handler.id in d.skip:
-                continue
-            recorded: HandlerOutcome | None = None
-            try:
-                typed = handler.typed_event(d.event, d.raw)
-                if handler.atomic:  # the handler and its record, in one transaction
-                    atomic_args = (d.key, token, handler.id, self._retention_s)
-                    call = _succeeded(handler, typed, journal)
-                    recorded = yield _StoreCall(
-                        _as_atomic_store(store).run_atomic, (*atomic_args, call)
-                    )
-                else:
-                    yield _HandlerCall(handler, typed)
-            except Exception as exc:
-                self._log_handler_failure(handler, d, exc)
-                release_args: tuple[Any, ...] = (d.key, token)
-                if outcomes is not None:
-                    outcomes[handler.id] = _failure(exc)
-                    release_args = (d.key, token, outcomes)
-                try:
-                    yield _StoreCall(store.release, release_args)
-                except Exception as release_exc:  # the lease will expire on its own
-                    logger.warning("could not release the claim on %s: %r", d.key, release_exc)
-                d.held = ""
-                return (yield from self._ended(d, refusal(HandlerFailed())))
-            outcome = recorded
-            if outcome is None and outcomes is not None:
-                outcome = HandlerOutcome(ok=True, at=time.time())
-            if outcomes is not None and outcome is not None:
-                outcomes[handler.id] = outcome
-            if len(d.handlers) > 1 and not handler.atomic:
-                mark_args: tuple[Any, ...] = (d.key, token, handler.id, self._retention_s)
-                if outcome is not None:
-                    mark_args = (*mark_args, outcome)
-                try:
-                    yield _StoreCall(store.mark_handler_done, mark_args)
-                except Exception as exc:
-                    return self._store_failed(exc, d, "record a handler of")
-        complete_args: tuple[Any, ...] = (d.key, token, self._retention_s)
-        if outcomes is not None:
-            complete_args = (*complete_args, outcomes)
-        try:
-            yield _StoreCall(store.complete, complete_args)
-        except Exception as exc:
-            return self._store_failed(exc, d, "record")
-        d.held = ""
-        return (yield from self._ended(d, RECEIVED))
-
-    def _ended(self, d: _Delivery, response: Response) -> _Plan:
-        """The handlers have finished (or no handler wanted the event): tell the run's
-        waiters, then answer ``response``."""
-        announce = self.waiters.delivered(d.run_id, d.event)
-        if announce is not None:  # other processes are told like a store call
-            yield _StoreCall(announce, ())
-        return response
 
     # -- pieces ---------------------------------------------------------------------------
 
@@ -545,51 +324,6 @@ class Receiver(Router):
             key = f"{event.event[:64]}:sha256:{digest}"
         return key
 
-    def _store_failed(self, exc: Exception, d: _Delivery, doing: str) -> Response:
-        error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(repr(exc))
-        logger.error(
-            "refused delivery: reason=%s status=%d event=%s run_id=%s (idempotency store failed"
-            " to %s it: %s)",
-            error.code,
-            error.status,
-            d.event.event,
-            _run_id(d.event) or "-",
-            doing,
-            error.detail or type(exc).__name__,
-            extra={"flymy_reason": error.code, "flymy_status": error.status},
-        )
-        return refusal(error, retry_after=5)
-
-    def _log_handler_failure(self, handler: Handler, d: _Delivery, exc: Exception) -> None:
-        extra: dict[str, Any] = {
-            "flymy_event": d.event.event,
-            "flymy_run_id": _run_id(d.event),
-            "flymy_handler": handler.id,
-            "flymy_reason": HandlerFailed.code,
-            "flymy_status": HandlerFailed.status,
-        }
-        if isinstance(exc, OutputMismatch):
-            extra["flymy_output"] = d.raw.get("data", {}).get("output")
-            logger.error(
-                "refused delivery: reason=handler_failed status=500 event=%s run_id=%s"
-                " (handler %s not run: %s)",
-                d.event.event,
-                _run_id(d.event) or "-",
-                handler.id,
-                exc,
-                extra=extra,
-            )
-            return
-        logger.error(
-            "refused delivery: reason=handler_failed status=500 event=%s run_id=%s"
-            " (handler %s raised)",
-            d.event.event,
-            _run_id(d.event) or "-",
-            handler.id,
-            exc_info=exc,
-            extra=extra,
-        )
-
 
 def _span(delta: timedelta) -> str:
     """``3 days``, ``5 minutes``: a duration as people write it."""
@@ -599,68 +333,3 @@ def _span(delta: timedelta) -> str:
             count = seconds // size
             return f"{count} {unit}{'s' if count != 1 else ''}"
     return f"{seconds} seconds"
-
-
-def _run_id(event: AnyEvent | None) -> str | None:
-    if event is None:
-        return None
-    if isinstance(event, UnknownEvent):
-        return event.run_id
-    return event.data.run_id
-
-
-def _log_refusal(error: WebhookError, event: AnyEvent | None, level: int = logging.WARNING) -> None:
-    logger.log(
-        level,
-        "refused delivery: reason=%s status=%d event=%s run_id=%s%s",
-        error.code,
-        error.status,
-        event.event if event is not None else "-",
-        _run_id(event) or "-",
-        f" ({error.detail})" if error.detail else "",
-        extra={"flymy_reason": error.code, "flymy_status": error.status},
-    )
-
-
-def _as_journal_store(store: Store) -> JournalStore:
-    """``store`` as a journaling store (checked by :func:`journals` before use)."""
-    return store  # type: ignore[return-value]
-
-
-def _as_atomic_store(store: Store) -> AtomicStore:
-    """``store`` as one that runs atomic handlers (checked at registration)."""
-    return store  # type: ignore[return-value]
-
-
-def _succeeded(handler: Handler, event: Any, journal: bool) -> Callable[[], HandlerOutcome | None]:
-    """An atomic handler's call for :meth:`AtomicStore.run_atomic`: run it, then say how it
-    went (the outcome the journal records in the same transaction)."""
-
-    def call() -> HandlerOutcome | None:
-        handler.func(event)
-        return HandlerOutcome(ok=True, at=time.time()) if journal else None
-
-    return call
-
-
-def _failure(exc: BaseException) -> HandlerOutcome:
-    """A failed handler's outcome: its error line and traceback, for the journal only."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return HandlerOutcome(
-        ok=False,
-        error=f"{type(exc).__name__}: {exc}"[:1000],
-        traceback=text[-20_000:],
-        at=time.time(),
-    )
-
-
-def _in_background(work: Callable[[], None]) -> None:
-    """Run best-effort cleanup without waiting for it (it may block on the store)."""
-
-    def run() -> None:
-        try:
-            work()
-        except Exception as exc:  # the lease will expire on its own
-            logger.debug("cleanup after a cancelled delivery failed: %r", exc)
-
-    threading.Thread(target=run, name="flymy-release", daemon=True).start()

@@ -8,17 +8,20 @@ import os
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from .base import Claim, ClaimState
-from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal, to_datetime
+from .memory_journal import MemoryJournal
+from .records import FAILURE_STATES, Attempt, HandlerOutcome, JournalEntry, NewEntry, Refusal
 
 __all__ = ["MemoryStore", "warn_if_several_processes"]
 
 logger = logging.getLogger("flymy_receiver")
 
 _DONE = Claim(ClaimState.DONE)
+#: What the waiters of flymy_receiver.awaiting take as a run's end (not pending nor queued).
+_SETTLED = frozenset({"handled", "failed", "ignored"})
 
 
 class MemoryStore:
@@ -30,8 +33,12 @@ class MemoryStore:
     duplicate of a very old event could run again; size it for the deliveries of your replay
     window (each record takes about a hundred bytes). Nothing survives a restart.
 
-    The journal keeps the newest ``max_journal`` entries (bodies included) and
-    ``max_refusals`` refusals: enough to develop with, bounded whatever arrives.
+    The journal keeps the newest ``max_journal`` entries and ``max_refusals`` refusals, and
+    at most ``max_journal_bytes`` of bodies: enough to develop with, bounded whatever
+    arrives. Handled and ignored entries (and their bodies) go first; an entry that could
+    still need a replay is dropped only when nothing else is left, with a WARNING. Past the
+    byte bound an entry is kept without its body (``body_dropped``); claims and idempotency
+    records never depend on the journal's bounds.
     """
 
     blocking = False
@@ -50,25 +57,28 @@ class MemoryStore:
         max_entries: int = 100_000,
         *,
         max_journal: int = 1_000,
+        max_journal_bytes: int = 32 * 1024 * 1024,
         max_refusals: int = 200,
         clock: Callable[[], float] | None = None,
     ) -> None:
         if max_entries < 1 or max_journal < 1 or max_refusals < 1:
             raise ValueError("max_entries, max_journal and max_refusals must be at least 1")
+        if max_journal_bytes < 0:
+            raise ValueError("max_journal_bytes must not be negative")
         self.max_entries = max_entries
         self.max_journal = max_journal
+        self.max_journal_bytes = max_journal_bytes
         self._clock = clock if clock is not None else time.monotonic
         # Journal times are shown to people, so they come from the wall clock.
-        self._wall = clock if clock is not None else time.time
+        self._journal = MemoryJournal(
+            max_journal, max_journal_bytes, clock if clock is not None else time.time
+        )
+        self._refusals: deque[Refusal] = deque(maxlen=max_refusals)
         # Bounded by dropping the oldest: OrderedDicts, whose oldest item is found at once
         # (a dict's first live item is found by scanning past the deleted ones, which cost
-        # 25 µs per delivery at 100,000 entries).
-        # key -> the entry; insertion order is arrival order (oldest first).
-        self._journal: OrderedDict[str, _Kept] = OrderedDict()
-        self._by_run: dict[str, str] = {}  # run id -> key of its newest entry
-        self._refusals: deque[Refusal] = deque(maxlen=max_refusals)
-        # Three mappings rather than one of record objects: a handled event is a str ->
-        # float entry, not an object for the garbage collector to walk.
+        # 25 µs per delivery at 100,000 entries). Three mappings rather than one of record
+        # objects: a handled event is a str -> float entry, not an object for the garbage
+        # collector to walk.
         self._done: OrderedDict[str, float] = OrderedDict()  # key -> end of retention
         self._claims: dict[str, tuple[str, float]] = {}  # key -> (token, end of lease)
         # key -> (expiry, names)
@@ -98,10 +108,13 @@ class MemoryStore:
         now = self._clock()
         with self._lock:
             claim = self._claim(key, lease, now, force)
-            if entry is not None:
-                self._journal_delivery(entry, claim.state is ClaimState.ACQUIRED)
-            elif replay and claim.state is ClaimState.ACQUIRED:
-                self._journal_update(key, state="pending")
+            if entry is None and not replay:
+                return claim
+            prior = self._journal_claim(key, lease, entry, claim)
+            if prior:
+                if claim is _DONE:  # shared: never changed
+                    claim = Claim(ClaimState.DONE)
+                claim.prior_state = prior
             return claim
 
     def _claim(self, key: str, lease: float, now: float, force: bool) -> Claim:
@@ -122,6 +135,27 @@ class MemoryStore:
             return Claim(ClaimState.ACQUIRED, token)
         return Claim(ClaimState.ACQUIRED, token, self._handlers_done(key, now))
 
+    def _journal_claim(self, key: str, lease: float, entry: NewEntry | None, claim: Claim) -> str:
+        """Journal a claim (``entry`` given: a delivery; else a replay); the prior state."""
+        journal = self._journal
+        now = journal.now()
+        acquired = claim.state is ClaimState.ACQUIRED
+        if entry is not None:
+            if acquired:
+                return journal.delivered(entry, "pending", acquired=True, lease_until=now + lease)
+            if claim.state is ClaimState.DONE:
+                return journal.delivered(entry, "handled", Attempt(now, "sender", 200, "duplicate"))
+            busy = Attempt(now, "sender", 409, "in_flight")
+            return journal.delivered(entry, "pending", busy, lease_until=now + claim.retry_after)
+        if acquired:
+            prior = journal.update(key, state="pending", lease_until=now + lease)
+        elif claim.state is ClaimState.BUSY:
+            prior = journal.update(key, attempt=Attempt(now, "replay", 409, "in_flight"))
+        else:
+            kept = journal.find(key)
+            prior = kept.state if kept is not None else None
+        return prior or ""
+
     def mark_handler_done(
         self, key: str, token: str, handler: str, ttl: float, outcome: HandlerOutcome | None = None
     ) -> None:
@@ -129,25 +163,36 @@ class MemoryStore:
         now = self._clock()
         with self._lock:
             if outcome is not None:
-                self._journal_update(key, outcomes={handler: outcome})
+                self._journal.update(key, outcomes={handler: outcome})
             if key in self._done:
                 return
-            expires, names = self._handlers.get(key, (0.0, set()))
-            if expires <= now:
-                names = set()
-            names.add(handler)
-            self._handlers[key] = (max(expires, now + ttl), names)
-            while len(self._handlers) > self.max_entries:
-                self._handlers.popitem(last=False)
+            self._remember_handlers(key, {handler}, now + ttl, now)
+
+    def _remember_handlers(self, key: str, names: set[str], expires: float, now: float) -> None:
+        until, kept = self._handlers.get(key, (0.0, set()))
+        if until <= now:
+            kept = set()
+        self._handlers[key] = (max(until, expires), kept | names)
+        while len(self._handlers) > self.max_entries:
+            self._handlers.popitem(last=False)
 
     def complete(
-        self, key: str, token: str, ttl: float, outcomes: Mapping[str, HandlerOutcome] | None = None
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        outcomes: Mapping[str, HandlerOutcome] | None = None,
+        attempt: Attempt | None = None,
     ) -> None:
         """Remember ``key`` as done for ``ttl`` seconds, whoever holds the claim now."""
         now = self._clock()
         with self._lock:
-            if outcomes is not None:
-                self._journal_update(key, state="handled", outcomes=outcomes)
+            if outcomes is not None or attempt is not None:
+                state = None
+                if outcomes is not None:
+                    queued = any(o.deferred and o.state == "queued" for o in outcomes.values())
+                    state = "queued" if queued else "handled"
+                self._journal.update(key, state=state, outcomes=outcomes, attempt=attempt)
             self._claims.pop(key, None)
             self._handlers.pop(key, None)
             self._done.pop(key, None)  # re-inserted last, so eviction stays oldest-first
@@ -156,32 +201,44 @@ class MemoryStore:
                 self._done.popitem(last=False)
 
     def release(
-        self, key: str, token: str, outcomes: Mapping[str, HandlerOutcome] | None = None
+        self,
+        key: str,
+        token: str,
+        outcomes: Mapping[str, HandlerOutcome] | None = None,
+        attempt: Attempt | None = None,
     ) -> None:
         """Drop the claim held with ``token``; keep the per-handler records."""
         with self._lock:
             held = self._claims.get(key)
             if held is not None and held[0] == token:
                 del self._claims[key]
-                if outcomes is not None:
-                    self._journal_update(key, state="failed", outcomes=outcomes)
+                if outcomes is not None or attempt is not None:
+                    state = "failed" if outcomes is not None else None
+                    self._journal.update(key, state=state, outcomes=outcomes, attempt=attempt)
 
     # -- the journal --------------------------------------------------------------------
 
-    def journal_ignore(self, entry: NewEntry) -> None:
-        """Record an authentic event that no handler wanted."""
+    def journal_ignore(self, entry: NewEntry, attempt: Attempt | None = None) -> None:
+        """Record an authentic event that no handler wanted (an existing entry keeps its
+        state and body)."""
         with self._lock:
-            self._journal_delivery(entry, False, state="ignored")
+            self._journal.delivered(entry, "ignored", attempt)
 
     def journal_get(self, key_or_run_id: str) -> JournalEntry | None:
         """The entry with this key, else the newest entry for this run id."""
         with self._lock:
-            self._expire_journal()
-            fields = self._journal.get(key_or_run_id)
-            if fields is None:
-                key = self._by_run.get(key_or_run_id)
-                fields = self._journal.get(key) if key is not None else None
-            return _entry(fields) if fields is not None else None
+            return self._journal.get(key_or_run_id)
+
+    def journal_settled(self, run_ids: Sequence[str]) -> dict[str, JournalEntry]:
+        """For each run id whose newest entry is settled (handled, failed or ignored: not
+        pending nor queued), that entry (see :mod:`flymy_receiver.awaiting`)."""
+        found: dict[str, JournalEntry] = {}
+        with self._lock:
+            for run_id in run_ids:
+                entry = self._journal.settled(run_id, _SETTLED)
+                if entry is not None:
+                    found[run_id] = entry
+        return found
 
     def journal_list(
         self,
@@ -189,25 +246,57 @@ class MemoryStore:
         state: str | None = None,
         event: str | None = None,
         agent_id: str | None = None,
+        run_id: str | None = None,
         since: datetime | None = None,
+        until: datetime | None = None,
+        before: str | None = None,
         limit: int = 100,
     ) -> list[JournalEntry]:
-        """Entries newest first, filtered."""
-        after = since.timestamp() if since is not None else None
-        found: list[JournalEntry] = []
+        """Summaries newest first, filtered; ``before`` is the previous page's last key."""
+
+        def match(new: NewEntry) -> bool:
+            return (
+                (event is None or new.event == event)
+                and (agent_id is None or new.agent_id == agent_id)
+                and (run_id is None or new.run_id == run_id)
+            )
+
+        states = None
+        if state is not None:
+            states = frozenset(FAILURE_STATES) if state == "failed" else frozenset({state})
+        start = since.timestamp() if since is not None else None
+        end = until.timestamp() if until is not None else None
         with self._lock:
-            self._expire_journal()
-            for fields in reversed(self._journal.values()):
-                if len(found) >= limit:
-                    break
-                if (
-                    (state is None or fields.state == state)
-                    and (event is None or fields.new.event == event)
-                    and (agent_id is None or fields.new.agent_id == agent_id)
-                    and (after is None or fields.received_at >= after)
-                ):
-                    found.append(_entry(fields))
-        return found
+            return self._journal.list(states, match, start, end, before, limit)
+
+    def journal_resolve(self, key: str, note: str) -> bool:
+        """Make the entry ``resolved`` with ``note``; False when there is no such entry."""
+        with self._lock:
+            return self._journal.resolve(key, note)
+
+    def claim_handler(self, key: str, handler: str, lease: float) -> Claim:
+        """Take one deferred handler's own lease; KeyError when there is no such entry."""
+        now = self._clock()
+        with self._lock:
+            return self._journal.claim_handler(key, handler, lease, now, str(next(self._tokens)))
+
+    def finish_handler(
+        self,
+        key: str,
+        handler: str,
+        token: str,
+        outcome: HandlerOutcome,
+        attempt: Attempt,
+        final: bool,
+        ttl: float,
+    ) -> None:
+        """Record a deferred handler's run (see :mod:`flymy_receiver.stores.base`)."""
+        now = self._clock()
+        with self._lock:
+            done = self._journal.finish_handler(key, handler, token, outcome, attempt, final)
+            if done is not None:  # failed for good: a replay may claim the key again
+                self._done.pop(key, None)
+                self._remember_handlers(key, done, now + ttl, now)
 
     def record_refusal(self, refusal: Refusal) -> None:
         """Keep one refused delivery; the oldest go first past ``max_refusals``."""
@@ -218,50 +307,6 @@ class MemoryStore:
         """Refused deliveries, newest first."""
         with self._lock:
             return list(reversed(self._refusals))[:limit]
-
-    def _journal_delivery(self, entry: NewEntry, acquired: bool, state: str = "pending") -> None:
-        now = self._wall()
-        fields = self._journal.get(entry.key)
-        if fields is None:
-            self._journal[entry.key] = _Kept(entry, state, now)
-            if entry.run_id is not None:
-                self._by_run[entry.run_id] = entry.key
-            if len(self._journal) > self.max_journal:
-                self._forget(next(iter(self._journal)))
-            return
-        fields.attempts += 1
-        fields.updated_at = now
-        fields.new = entry  # the newest retention applies
-        if acquired or state == "ignored":
-            fields.state = state
-
-    def _journal_update(
-        self,
-        key: str,
-        *,
-        state: str | None = None,
-        outcomes: Mapping[str, HandlerOutcome] | None = None,
-    ) -> None:
-        fields = self._journal.get(key)
-        if fields is None:  # forgotten meanwhile (bounded journal): nothing to update
-            return
-        if state is not None:
-            fields.state = state
-        if outcomes:
-            fields.handlers.update(outcomes)
-        fields.updated_at = self._wall()
-
-    def _expire_journal(self) -> None:
-        now = self._wall()
-        gone = [k for k, f in self._journal.items() if f.updated_at + f.new.retention <= now]
-        for key in gone:
-            self._forget(key)
-
-    def _forget(self, key: str) -> None:
-        fields = self._journal.pop(key)
-        run_id = fields.new.run_id
-        if run_id is not None and self._by_run.get(run_id) == key:
-            del self._by_run[run_id]
 
     def _handlers_done(self, key: str, now: float) -> frozenset[str]:
         record = self._handlers.get(key)
@@ -283,37 +328,6 @@ class MemoryStore:
         # Claims are few (one per delivery in progress) unless workers keep dying mid-handler.
         for key in [k for k, (_, until) in self._claims.items() if until <= now]:
             del self._claims[key]
-
-
-class _Kept:
-    """One journal entry as the memory store keeps it: what arrived, and what changed."""
-
-    __slots__ = ("attempts", "handlers", "new", "received_at", "state", "updated_at")
-
-    def __init__(self, new: NewEntry, state: str, now: float) -> None:
-        self.new = new
-        self.state = state
-        self.attempts = 1
-        self.received_at = self.updated_at = now
-        self.handlers: dict[str, HandlerOutcome] = {}
-
-
-def _entry(fields: _Kept) -> JournalEntry:
-    new = fields.new
-    return JournalEntry(
-        key=new.key,
-        event=new.event,
-        run_id=new.run_id,
-        agent_id=new.agent_id,
-        agent_name=new.agent_name,
-        state=fields.state,
-        attempts=fields.attempts,
-        received_at=to_datetime(fields.received_at),
-        updated_at=to_datetime(fields.updated_at),
-        body=new.body,
-        headers=dict(new.headers),
-        handlers=dict(fields.handlers),
-    )
 
 
 class _DefaultMemoryStore(MemoryStore):
