@@ -14,6 +14,7 @@ CSRF-protected views that need the staff user's "change journal entry" permissio
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, cast
 
 from django.contrib import admin, messages
@@ -23,6 +24,7 @@ from django.shortcuts import get_object_or_404
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 
+from ..stores.records import ENTRY_STATES
 from ..stores.records import JournalEntry as Entry
 from ..stores.records import to_datetime
 from . import _non_atomic
@@ -49,15 +51,48 @@ MAX_SHOWN = 200_000
 _LEVELS = {"success": messages.SUCCESS, "warning": messages.WARNING, "error": messages.ERROR}
 
 
+class StateFilter(admin.SimpleListFilter):
+    """The states as the journal reports them: ``stalled`` is a ``pending`` entry whose
+    claim's lease has ended (its worker died), and "failed" includes it, as in
+    ``journal.list(state="failed")``."""
+
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(state, state) for state in ENTRY_STATES]
+
+    def queryset(self, request: HttpRequest, queryset: Any) -> Any:
+        from django.db.models import Q
+
+        wanted, now = self.value(), time.time()
+        stalled = Q(state="pending", lease_until__lte=now)
+        if wanted == "failed":
+            return queryset.filter(Q(state="failed") | stalled)
+        if wanted == "stalled":
+            return queryset.filter(stalled)
+        if wanted == "pending":
+            return queryset.filter(state="pending", lease_until__gt=now)
+        return queryset.filter(state=wanted) if wanted in ENTRY_STATES else queryset
+
+
 @admin.register(JournalEntry)
 class JournalEntryAdmin(admin.ModelAdmin):
     """Every authentic delivery, newest first, with its body, each handler's outcome and
     the history of its attempts."""
 
     change_form_template = "flymy_receiver/admin/journal_entry.html"
-    list_display = ("run_id", "event", "agent", "state", "attempts", "received_at", "updated_at")
-    list_filter = ("state", "event", "agent_id", "received_at")
-    search_fields = ("=run_id", "=key")
+    list_display = (
+        "run_id",
+        "event",
+        "agent",
+        "shown_state",
+        "attempts",
+        "received_at",
+        "updated_at",
+    )
+    list_filter = (StateFilter, "event", "agent_id", "received_at")
+    search_fields = ("=key",)  # and run ids, through their digest: see get_search_results
     date_hierarchy = "received_at"
     actions = ("replay_selected", "replay_selected_force")
     fields = (
@@ -79,9 +114,20 @@ class JournalEntryAdmin(admin.ModelAdmin):
     readonly_fields = fields
 
     def get_queryset(self, request: HttpRequest) -> Any:
-        # Bodies are up to max_body_size each: the list never loads them (the entry's page
-        # reads its one entry through the store).
-        return super().get_queryset(request).defer("body")
+        # Bodies are up to max_body_size each, histories up to 50 attempts: the list never
+        # loads them (the entry's page reads its one entry through the store).
+        return super().get_queryset(request).defer("body", "history", "headers")
+
+    def get_search_results(self, request: HttpRequest, queryset: Any, search_term: str) -> Any:
+        # A run id of any length is found through its digest (the indexed column), so the
+        # search never compares the sender's text in full.
+        from .reading import run_digest
+
+        found, duplicates = super().get_search_results(request, queryset, search_term)
+        term = search_term.strip()
+        if term:
+            found = found | queryset.filter(run_digest=run_digest(term))
+        return found, duplicates
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -180,6 +226,10 @@ class JournalEntryAdmin(admin.ModelAdmin):
             cached = DjangoStore(using=obj._state.db or "default").journal_get(obj.key)
             obj._flymy_record = cached
         return cached
+
+    @admin.display(description="state", ordering="state")
+    def shown_state(self, obj: JournalEntry) -> str:
+        return _state(obj, time.time())
 
     @admin.display(description="agent", ordering="agent_name")
     def agent(self, obj: JournalEntry) -> str:
@@ -328,6 +378,12 @@ class JournalEntryAdmin(admin.ModelAdmin):
 def _html(template: str, *args: Any) -> str:
     """``format_html``: every argument escaped (a body is text the sender chose)."""
     return cast(str, format_html(template, *args))
+
+
+def _state(row: JournalEntry, now: float) -> str:
+    """The state the journal reports for a row (see :class:`StateFilter`)."""
+    state = str(row.state)
+    return "stalled" if state == "pending" and row.lease_until <= now else state
 
 
 def _at(seconds: float) -> str:

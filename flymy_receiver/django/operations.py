@@ -77,6 +77,8 @@ def replay(journal: Journal, key: str, *, force: bool = False) -> Told:
         return Told("error", f"{name} is being handled right now: try again in a moment.")
     except KeyError:
         return Told("error", f"{name} is not in the configured receiver's journal.")
+    except LookupError:  # its body was dropped by the journal's byte limit
+        return Told("error", f"{name} cannot be replayed: the journal did not keep its body.")
     except StoreUnavailable:
         return Told("error", f"{name} was not replayed: the store failed.")
     return Told(*_replayed(entry), entry.state)
@@ -89,14 +91,14 @@ def resolve(journal: Journal, key: str, note: str) -> Told:
     if not note:
         return Told("error", "Say why the entry is resolved: the note is kept with it.")
     try:
-        found = journal.resolve(key, note=note)
+        entry = journal.resolve(key, note=note)
     except KeyError:
-        found = False
+        return Told("error", f"{name} is not in the journal.")
     except StoreUnavailable:
         return Told("error", f"{name} was not resolved: the store failed.")
-    if found is False or found is None:
-        return Told("error", f"{name} is not in the journal.")
-    return Told("success", f"{name} is resolved: it is kept, and never replayed in bulk.")
+    return Told(
+        "success", f"{name} is resolved: it is kept, and never replayed in bulk.", entry.state
+    )
 
 
 def _replayed(entry: JournalEntry) -> tuple[str, str]:

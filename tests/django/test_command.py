@@ -247,3 +247,177 @@ def test_database_is_refused_for_a_receiver_outside_django(journal: Any, tmp_pat
     with pytest.raises(CommandError, match=r"does not apply: .*SQLiteStore"):
         run("list", "--database", "default")
     assert run("list") == "no journaled deliveries\n"  # the receiver's own journal
+
+
+# -- the journal's operations (DESIGN section 12), on SQLite and PostgreSQL ------------------
+
+
+@pytest.fixture
+def many(alias: str) -> tuple[Receiver, str]:
+    """Five failed deliveries of two agents and one handled, on ``alias``; the receiver is
+    registered, its handler fixed once ``fixed`` is set."""
+    from flymy_receiver.django import DjangoStore, register
+
+    receiver = Receiver(SECRET, store=DjangoStore(using=alias))
+    fixed: list[bool] = []
+
+    @receiver.on("run.completed")
+    def save(event: RunCompleted) -> None:
+        if event.data.run_id.startswith("run_f") and not fixed:
+            raise RuntimeError("crm is down")
+
+    receiver.fixed = fixed  # type: ignore[attr-defined]
+    for n in range(5):
+        agent = "agent_a" if n % 2 else "agent_b"
+        assert receiver.handle(*request_for(f"run_f{n}", agent_id=agent)).status == 500
+    assert receiver.handle(*request_for("run_ok", agent_id="agent_a")).status == 200
+    register(receiver)
+    return receiver, alias
+
+
+def _run_ids(*args: str) -> list[str]:
+    return [e["run_id"] for e in json.loads(run("list", "--json", *args))["deliveries"]]
+
+
+def test_list_pages_with_before_and_finds_a_run(many: Any) -> None:
+    assert _run_ids() == ["run_ok", "run_f4", "run_f3", "run_f2", "run_f1", "run_f0"]
+    text = run("list", "--limit", "2")
+    last = text.splitlines()[-1]
+    assert last.startswith("older: --before ")
+    key = last.removeprefix("older: --before ")
+    assert _run_ids("--limit", "2", "--before", key) == ["run_f3", "run_f2"]
+    assert _run_ids("--run-id", "run_f2") == ["run_f2"]
+    assert _run_ids("--failed", "--agent", "agent_a") == ["run_f3", "run_f1"]
+
+
+def test_show_prints_the_history(many: Any) -> None:
+    receiver, _ = many
+    assert receiver.handle(*request_for("run_f1", agent_id="agent_a")).status == 500  # a retry
+    text = run("show", "run_f1")
+    history = text[text.index("\nhistory\n") :].splitlines()[2:4]
+    header = text[text.index("\nhistory\n") :].splitlines()[1]
+    assert header.split() == ["AT", "(UTC)", "SOURCE", "STATUS", "OUTCOME", "DURATION", "HANDLER"]
+    assert [line.split()[2:5] for line in history] == [
+        ["sender", "500", "failed"],
+        ["sender", "500", "failed"],
+    ]
+
+
+def test_replay_failed_dry_run_then_filtered_and_paced(many: Any) -> None:
+    from django.core.management import CommandError
+
+    receiver, _ = many
+    receiver.fixed.append(True)
+    out = run("replay", "--failed", "--agent", "agent_a", "--dry-run")
+    assert out.splitlines()[0] == "2 failed entries would be replayed (dry run)"
+    assert _run_ids("--failed") == ["run_f4", "run_f3", "run_f2", "run_f1", "run_f0"]  # ran none
+    data = json.loads(run("replay", "--failed", "--dry-run", "--event", "run.failed", "--json"))
+    assert data == {"dry_run": True, "matched": []}
+    data = json.loads(
+        run("replay", "--failed", "--agent", "agent_a", "--per-second", "1000", "--json")
+    )
+    assert sorted(r["state"] for r in data["replayed"]) == ["handled", "handled"]
+    assert _run_ids("--failed") == ["run_f4", "run_f2", "run_f0"]
+    receiver.fixed.clear()  # broken again: the rest fail, and the command says so
+    with pytest.raises(CommandError, match="3 of 3 entries are not handled"):
+        run("replay", "--failed")
+
+
+def test_resolve_takes_an_entry_out_of_the_failures(many: Any) -> None:
+    from django.core.management import CommandError
+
+    assert run("resolve", "run_f2", "--note", "refunded by hand") == "'run_f2': resolved\n"
+    assert "run_f2" not in _run_ids("--failed")
+    assert _run_ids("--state", "resolved") == ["run_f2"]
+    assert "note      refunded by hand" in run("show", "run_f2")
+    data = json.loads(run("replay", "--failed", "--dry-run", "--json"))
+    assert len(data["matched"]) == 4
+    assert not any("f2" in key for key in data["matched"])
+    with pytest.raises(CommandError, match="no journal entry for 'run_never'"):
+        run("resolve", "run_never", "--note", "x")
+
+
+def test_resolve_works_without_a_receiver(many: Any) -> None:
+    from flymy_receiver.django import registry
+
+    _, alias = many
+    registry.unregister()
+    assert run("resolve", "run_f0", "--note", "gone", "--database", alias) == "'run_f0': resolved\n"
+    assert _run_ids("--state", "resolved", "--database", alias) == ["run_f0"]
+
+
+class _Recorder:
+    """A local app that records what it is sent and answers ``status``."""
+
+    def __init__(self, status: int) -> None:
+        import http.server
+        import threading
+
+        seen: list[tuple[bytes, str]] = []
+        self.seen = seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                seen.append((body, self.headers.get("X-FlyMyAI-Signature", "")))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhooks/flymy"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def test_resend_posts_the_stored_body_signed_afresh(many: Any) -> None:
+    import hashlib
+    import hmac
+
+    from django.core.management import CommandError
+
+    receiver, _ = many
+    entry = receiver.journal.get("run_f3")
+    app = _Recorder(200)
+    try:
+        assert run("resend", "run_f3", "--to", app.url) == f"'{app.url}' answered 200\n"
+    finally:
+        app.close()
+    [(body, signature)] = app.seen
+    assert body == entry.body
+    assert signature == hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+    failing = _Recorder(500)
+    try:
+        with pytest.raises(CommandError, match="answered 500, not 2xx"):
+            run("resend", "run_f3", "--to", failing.url)
+    finally:
+        failing.close()
+    with pytest.raises(CommandError, match="could not send to"):
+        run("resend", "run_f3", "--to", failing.url)  # nobody listens there now
+    code, _out, err = run_as_manage_py("resend", "run_f3", "--to", failing.url)
+    assert code == 1
+    assert err.count("\n") == 1
+    assert SECRET not in err
+
+
+def test_the_receivers_tools_need_the_receiver(many: Any) -> None:
+    from django.core.management import CommandError
+
+    from flymy_receiver.django import registry
+
+    registry.unregister()
+    for args in (
+        ("replay", "--failed"),
+        ("resend", "run_f1", "--to", "http://127.0.0.1:9/x"),
+        ("sweep",),
+    ):
+        with pytest.raises(CommandError, match="needs your receiver"):
+            run(*args)

@@ -170,6 +170,8 @@ class Command(BaseCommand):
                 entry = journal.replay(wanted, force=options["force"])
             except KeyError:
                 results.append({"key": wanted, "state": "unknown"})
+            except LookupError:
+                results.append({"key": wanted, "state": "body not kept (journal byte limit)"})
             except EventInFlight:
                 results.append({"key": wanted, "state": "in flight (a delivery holds it)"})
             else:
@@ -204,6 +206,7 @@ class Command(BaseCommand):
             return
         results = [{"key": key, "state": "handled"} for key in report.handled]
         results += [{"key": key, "state": "failed"} for key in report.failed]
+        results += [{"key": key, "state": "in flight (skipped)"} for key in report.in_flight]
         self._results(options, results, matched=len(report.matched))
 
     def _results(
@@ -229,15 +232,13 @@ class Command(BaseCommand):
             raise CommandError("--note says why the entry is resolved; it cannot be empty")
         journal = self._journal(options)
         try:
-            found = journal.resolve(options["entry"], note=note[:2000])
+            entry = journal.resolve(options["entry"], note=note)
         except KeyError:
-            found = None
-        if not found:
-            raise CommandError(f"no journal entry for {_named(options['entry'])}")
+            raise CommandError(f"no journal entry for {_named(options['entry'])}") from None
         if options["json"]:
-            self._json({"resolved": options["entry"], "note": note[:2000]})
+            self._json({"resolved": entry.key, "state": entry.state, "note": entry.note})
         else:
-            self.stdout.write(f"{_named(options['entry'])}: resolved")
+            self.stdout.write(f"{_named(entry.run_id or entry.key)}: {entry.state}")
 
     def _resend(self, options: dict[str, Any]) -> None:
         url = options["to"].strip()
@@ -248,7 +249,11 @@ class Command(BaseCommand):
             status = journal.resend(options["entry"], url)
         except KeyError:
             raise CommandError(f"no journal entry for {_named(options['entry'])}") from None
-        except (OSError, ValueError) as exc:
+        except LookupError:
+            raise CommandError(
+                f"{_named(options['entry'])}: the journal did not keep its body (byte limit)"
+            ) from None
+        except (OSError, ValueError) as exc:  # unreachable (ResendFailed), or not http(s)
             raise CommandError(
                 f"could not send to {_named(url)}: {printable(str(exc)[:200])}"
             ) from None
@@ -262,12 +267,13 @@ class Command(BaseCommand):
     def _sweep(self, options: dict[str, Any]) -> None:
         older_than = arguments.span(options["older_than"], "--older-than")
         journal = self._journal(options, needs="sweep", why="it enqueues on your receiver's queue")
-        swept = journal.sweep(older_than=older_than)
-        count = swept if isinstance(swept, int) else len(swept)
+        jobs = journal.sweep(older_than=older_than)
         if options["json"]:
-            self._json({"swept": count})
-        else:
-            self.stdout.write(f"{count} deferred handlers enqueued again")
+            self._json({"swept": [{"key": job.key, "handler": job.handler} for job in jobs]})
+            return
+        self.stdout.write(f"{len(jobs)} deferred handler jobs sent again")
+        for job in jobs[:1000]:
+            self.stdout.write(f"  {printable(job.key[:200])}  {printable(job.handler[:200])}")
 
     def _refusals(self, options: dict[str, Any]) -> None:
         limit = arguments.limit(options["limit"])
