@@ -24,9 +24,8 @@ from django.shortcuts import get_object_or_404
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 
-from ..stores.records import ENTRY_STATES
+from ..stores.records import ENTRY_STATES, to_datetime
 from ..stores.records import JournalEntry as Entry
-from ..stores.records import to_datetime
 from . import _non_atomic
 from .display import pretty_body, printable
 from .models import JournalEntry, Refusal
