@@ -193,7 +193,7 @@ BAD_VALUES = [
     ("replay", "run_bad_1", "--dry-run"),
     ("replay", "run_bad_1", "--failed"),
     ("replay",),
-    ("sweep", "--older-than", "0m"),
+    ("sweep", "--older-than", "-5m"),
     ("sweep", "--older-than", "99999999999d"),
     ("sweep", "--older-than", "soon"),
     ("resolve", "run_bad_1", "--note", "   "),
@@ -421,3 +421,40 @@ def test_the_receivers_tools_need_the_receiver(many: Any) -> None:
     ):
         with pytest.raises(CommandError, match="needs your receiver"):
             run(*args)
+
+
+class RecordingQueue:
+    """A queue that keeps the jobs it is sent (the deferred tests run real workers)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[str, str]] = []
+
+    def bind(self, receiver: Receiver) -> None:
+        pass
+
+    def enqueue(self, key: str, handler_id: str, context: Any) -> None:
+        self.jobs.append((key, handler_id))
+
+
+def test_sweep_sends_the_queued_handlers_again(sqlite_alias: str) -> None:
+    from flymy_receiver.django import DjangoStore, register
+
+    queue = RecordingQueue()
+    receiver = Receiver(SECRET, store=DjangoStore(), queue=queue)
+
+    @receiver.on("run.completed", name="enrich", defer=True)
+    def enrich(event: RunCompleted) -> None:
+        pass
+
+    assert receiver.handle(*request_for("run_deferred")).status == 200
+    assert [handler for _, handler in queue.jobs] == ["enrich"]
+    register(receiver)
+    assert run("list").splitlines()[1].split()[2] == "queued"
+    assert "deferred queued  0 worker attempts" in run("show", "run_deferred")
+    assert run("sweep") == "0 deferred handler jobs sent again\n"  # younger than 5m
+    out = run("sweep", "--older-than", "0s").splitlines()
+    assert out[0] == "1 deferred handler jobs sent again"
+    assert out[1].split()[-1] == "enrich"
+    assert queue.jobs[-1] == queue.jobs[0]
+    data = json.loads(run("sweep", "--older-than", "0s", "--json"))
+    assert [job["handler"] for job in data["swept"]] == ["enrich"]

@@ -46,14 +46,16 @@ def limit(text: str, option: str = "--limit") -> int:
     return number
 
 
-def span(text: str, option: str) -> timedelta:
-    """``30s``, ``15m``, ``12h`` or ``7d``: more than nothing, at most :data:`MAX_SPAN`."""
+def span(text: str, option: str, *, zero: bool = False) -> timedelta:
+    """``30s``, ``15m``, ``12h`` or ``7d``: more than nothing (``zero``: or nothing), at
+    most :data:`MAX_SPAN`."""
     found = _SPAN.fullmatch(text.strip())
     if found is None:
         raise CommandError(f"{option} takes a span such as 30m, 12h or 7d, not {_shown(text)!r}")
     seconds = int(found.group(1)) * _UNITS[found.group(2)]
-    if not 0 < seconds <= MAX_SPAN.total_seconds():
-        raise CommandError(f"{option} must be more than 0 and at most {MAX_SPAN.days}d")
+    if not (0 if zero else 1) <= seconds <= MAX_SPAN.total_seconds():
+        least = "0" if zero else "more than 0"
+        raise CommandError(f"{option} must be {least} and at most {MAX_SPAN.days}d")
     return timedelta(seconds=seconds)
 
 

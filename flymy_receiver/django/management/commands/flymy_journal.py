@@ -95,7 +95,9 @@ class Command(BaseCommand):
         resend.add_argument("--to", required=True, metavar="URL", help="http(s)://host/path")
 
         sweep = action("sweep", "enqueue again deferred handlers still queued or stalled")
-        sweep.add_argument("--older-than", default="5m", help="queued or leased this long ago (5m)")
+        sweep.add_argument(
+            "--older-than", default="5m", help="queued or leased this long ago (5m; 0s: all)"
+        )
 
         refusals = action("refusals", "refused deliveries, newest first")
         refusals.add_argument(
@@ -265,7 +267,7 @@ class Command(BaseCommand):
             raise CommandError(f"the app at {_named(url)} answered {status}, not 2xx")
 
     def _sweep(self, options: dict[str, Any]) -> None:
-        older_than = arguments.span(options["older_than"], "--older-than")
+        older_than = arguments.span(options["older_than"], "--older-than", zero=True)
         journal = self._journal(options, needs="sweep", why="it enqueues on your receiver's queue")
         jobs = journal.sweep(older_than=older_than)
         if options["json"]:
