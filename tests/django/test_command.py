@@ -193,7 +193,7 @@ BAD_VALUES = [
     ("replay", "run_bad_1", "--dry-run"),
     ("replay", "run_bad_1", "--failed"),
     ("replay",),
-    ("sweep", "--older-than", "-5m"),
+    ("sweep", "--older-than=-5m"),
     ("sweep", "--older-than", "99999999999d"),
     ("sweep", "--older-than", "soon"),
     ("resolve", "run_bad_1", "--note", "   "),
@@ -458,3 +458,23 @@ def test_sweep_sends_the_queued_handlers_again(sqlite_alias: str) -> None:
     assert queue.jobs[-1] == queue.jobs[0]
     data = json.loads(run("sweep", "--older-than", "0s", "--json"))
     assert [job["handler"] for job in data["swept"]] == ["enrich"]
+
+
+def test_a_database_without_the_journal_is_a_clear_error(sqlite_alias: str, tmp_path: Any) -> None:
+    from django.core.management import CommandError
+    from django.db import connections
+
+    alias = "flymy_unmigrated"
+    settings = connections.configure_settings(
+        {
+            "default": dict(connections.settings["default"]),
+            alias: {"ENGINE": "django.db.backends.sqlite3", "NAME": str(tmp_path / "x.sqlite3")},
+        }
+    )
+    connections.settings[alias] = settings[alias]
+    try:
+        with pytest.raises(CommandError, match=r"has no journal: run manage\.py migrate"):
+            run("list", "--database", alias)
+    finally:
+        connections[alias].close()
+        del connections.settings[alias]

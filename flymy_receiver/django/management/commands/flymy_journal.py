@@ -313,10 +313,29 @@ class Command(BaseCommand):
         alias = database or "default"
         if alias not in connections.settings:
             raise CommandError(f"--database {printable(alias[:100])} is not in settings.DATABASES")
+        _check_migrated(alias)
         return Journal(DjangoStore(using=alias))  # type: ignore[arg-type]  # a JournalStore
 
     def _json(self, data: Any) -> None:
         self.stdout.write(json.dumps(data, indent=2))
+
+
+def _check_migrated(alias: str) -> None:
+    """A database without the app's tables is a clear error, not a failed query."""
+    from django.db import DatabaseError, connections
+
+    from ...models import JournalEntry as Row
+
+    try:
+        with connections[alias].cursor() as cursor:
+            tables = connections[alias].introspection.table_names(cursor)
+    except DatabaseError as exc:
+        raise CommandError(f"database {alias!r} cannot be read: {type(exc).__name__}") from None
+    if Row._meta.db_table not in tables:
+        raise CommandError(
+            f"database {alias!r} has no journal: run manage.py migrate flymy_receiver "
+            f"--database {alias} (with flymy_receiver.django in INSTALLED_APPS)"
+        )
 
 
 def _moment(options: dict[str, Any], name: str) -> Any:
