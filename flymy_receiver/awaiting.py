@@ -18,7 +18,15 @@ entry settled (``handled``, ``failed`` or ``ignored``; not ``pending``).
   the check and the subscription.
 
 A call that resolved, timed out or was cancelled leaves nothing behind; the background
-thread ends once nobody has waited for a while.
+thread ends once nobody has waited for a while. ``results()`` is an async generator: it
+holds its waiter until it is exhausted or closed, so leave a loop early inside
+``contextlib.aclosing(...)`` (or call its ``aclose()``).
+
+A process that only waits (a script that starts runs, say) needs no secret and no handlers:
+``Waiters.for_store(store)`` over the store the receivers share::
+
+    waiters = Waiters.for_store(RedisStore("redis://127.0.0.1:6379/0"))
+    event = await waiters.wait_for("run_xyz789", timeout=600, output=Lead)
 """
 
 from __future__ import annotations
@@ -34,8 +42,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from .events import Event
-from .stores.base import JournalStore, Store
+from pydantic import ValidationError
+
+from .events import Event, RunCompleted, describe_validation_error
+from .routing import OutputMismatch
+from .stores.base import JournalStore, Store, journals
 from .stores.memory import MemoryStore
 from .stores.records import JournalEntry
 from .stores.redis import RedisStore
@@ -223,6 +234,17 @@ class Waiters:
         self.linger = _LINGER
         self._reset()
 
+    @classmethod
+    def for_store(cls, store: Store) -> Waiters:
+        """Waiters over a store's journal alone, for a process that only waits: no secret,
+        no receiver. It sees the deliveries that the receivers sharing ``store`` journal
+        (a :class:`~flymy_receiver.stores.MemoryStore` is seen by this process only)."""
+        if not journals(store):
+            raise ValueError(
+                f"{type(store).__name__} keeps no delivery journal: nothing to wait on"
+            )
+        return cls(store, store)  # type: ignore[arg-type]  # journals() said so
+
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -252,9 +274,20 @@ class Waiters:
 
     # -- waiting ----------------------------------------------------------------------
 
-    async def wait_for(self, run_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> Event:
+    async def wait_for(
+        self,
+        run_id: str,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        output: type[Any] | None = None,
+    ) -> Event:
         """The event of ``run_id`` once its handlers finished; :class:`TimeoutError` after
-        ``timeout`` seconds (``None``: no limit)."""
+        ``timeout`` seconds (``None``: no limit). ``output=Model``: a ``run.completed``
+        event comes as ``RunCompleted[Model]`` (see :func:`typed_result`)."""
+        event = await self._wait_for(run_id, timeout)
+        return event if output is None else typed_result(event, output)
+
+    async def _wait_for(self, run_id: str, timeout: float | None) -> Event:
         run_id = _run_key(run_id)
         limit = _check_timeout(timeout)
         loop = asyncio.get_running_loop()
@@ -283,10 +316,16 @@ class Waiters:
             self._unregister(waiter)
 
     async def results(
-        self, run_ids: Iterable[str], timeout: float | None = DEFAULT_TIMEOUT
+        self,
+        run_ids: Iterable[str],
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        output: type[Any] | None = None,
     ) -> AsyncIterator[Event]:
         """Each run's event once, in the order they resolve; ``timeout`` is an overall
-        deadline, after which :class:`TimeoutError` says how many runs are missing."""
+        deadline, after which :class:`TimeoutError` says how many runs are missing.
+        ``output=Model`` as for :meth:`wait_for`. The waiter is held until the iterator is
+        exhausted or closed (``aclose()``, ``contextlib.aclosing``)."""
         ids = tuple(dict.fromkeys(_run_key(r) for r in run_ids))
         limit = _check_timeout(timeout)
         if not ids:
@@ -314,7 +353,7 @@ class Waiters:
                     run_id, event = queue.get_nowait()
                 if run_id in remaining:  # each run once, whatever wakes it again
                     remaining.discard(run_id)
-                    yield event
+                    yield event if output is None else typed_result(event, output)
         finally:
             self._unregister(waiter)
 
@@ -518,6 +557,25 @@ class Waiters:
             if entry is not None and entry.run_id == run_id and entry.state in SETTLED_STATES:
                 found[run_id] = entry
         return found
+
+
+def typed_result(event: Event, output: type[Any]) -> Event:
+    """A ``run.completed`` event with its output validated into ``output``, as
+    ``RunCompleted[output]``; any other event unchanged. Raises
+    :class:`~flymy_receiver.routing.OutputMismatch` when the output does not match."""
+    if not isinstance(event, RunCompleted):
+        return event
+    model: Any = RunCompleted[output]  # type: ignore[valid-type]  # a model given at run time
+    if type(event) is model:  # already typed so (pydantic caches parametrised models)
+        return event
+    try:
+        typed: Event = model.model_validate(event.model_dump(mode="json"))
+    except ValidationError as exc:
+        raise OutputMismatch(
+            f"output of run {event.data.run_id[:120]} does not match {output.__name__}: "
+            f"{describe_validation_error(exc)}"
+        ) from None
+    return typed
 
 
 def _wake_all(waiters: list[_Waiter], run_id: str, event: Event) -> None:

@@ -25,17 +25,19 @@ from .awaiting import Waiters
 from .errors import EventInFlight, HandlerFailed, StoreUnavailable, WebhookError
 from .events import RunCompleted, RunFailed, UnknownEvent
 from .journal import Journal
-from .responses import DUPLICATE, RECEIVED, Response, refusal
+from .responses import _JSON, DUPLICATE, RECEIVED, Response, refusal
 from .routing import Handler, OutputMismatch, run_coroutine
 from .stores.base import AtomicStore, Claim, ClaimState, JournalStore, Store
-from .stores.records import HandlerOutcome, NewEntry
+from .stores.records import Attempt, HandlerOutcome, JournalEntry, NewEntry
 
 __all__ = [
+    "NO_HANDLER",
     "AnyEvent",
     "Delivery",
     "Host",
     "Offload",
     "arun",
+    "cut",
     "log_refusal",
     "run",
     "run_id_of",
@@ -44,6 +46,12 @@ __all__ = [
 logger = logging.getLogger("flymy_receiver")
 
 AnyEvent = RunCompleted[Any] | RunFailed | UnknownEvent
+
+#: A replay's answer when no registered handler wanted to run (see :func:`_ran_nothing`).
+NO_HANDLER = Response(200, b'{"received":true,"no_handler":true}', _JSON)
+
+#: Sender-chosen text (run ids, event names, keys) is cut to this many characters in logs.
+LOG_TEXT_LIMIT = 120
 
 
 class Host(Protocol):
@@ -54,6 +62,7 @@ class Host(Protocol):
     waiters: Waiters
     lease: timedelta
     retention: timedelta
+    on_failure: Callable[[JournalEntry], object] | None
 
 
 @dataclass(slots=True)
@@ -61,8 +70,11 @@ class Delivery:
     """An authentic, parsed event on its way to its handlers (or replayed from the journal).
 
     ``entry`` is what the journal records with the claim (``None`` when the journal is off
-    or for a replay); ``skip`` names handlers the journal already saw succeed. ``held`` is
-    the token of the claim while this delivery holds it (given back if it is cancelled).
+    or for a replay); ``skip`` names handlers the journal already saw succeed; ``failed``
+    those it saw fail (a replay that runs none of them leaves the entry failed). ``held`` is
+    the token of the claim while this delivery holds it; ``abandoned`` says its caller went
+    away (a cancelled ``ahandle``): both change under :data:`_HOLD` only, so that a claim
+    that completes after the caller left is given back by exactly one side.
     """
 
     event: AnyEvent
@@ -74,7 +86,14 @@ class Delivery:
     replay: bool = False
     force: bool = False
     skip: frozenset[str] = frozenset()
+    failed: frozenset[str] = frozenset()
     held: str = ""
+    abandoned: bool = False
+
+
+#: Guards ``Delivery.held`` and ``Delivery.abandoned`` between a claim's thread and the
+#: coroutine that was waiting for it. One lock for all deliveries: it is held for two reads.
+_HOLD = threading.Lock()
 
 
 @dataclass(slots=True)
@@ -141,15 +160,25 @@ class Offload(Protocol):
 
 async def arun(host: Host, delivery: Delivery, offload: Offload | None = None) -> Response:
     """The async driver: awaits async handlers, runs sync handlers and blocking store calls
-    in a worker thread (through ``offload``) so the event loop never stalls."""
+    in a worker thread (through ``offload``) so the event loop never stalls.
+
+    A cancellation (the client went away, a timeout) at any await leaves no claim held: a
+    claim acquired after it is given back by the claim's own thread (see :func:`_claimed`),
+    one acquired before it is released here; the sender's retry is then served at once.
+    """
     to_thread: Offload = offload or asyncio.to_thread
     store = host.store
     offload_store = getattr(store, "blocking", True)
     if not any(h.is_async for h in delivery.handlers) and (offload_store or delivery.handlers):
         # Only blocking work: the whole plan in one worker-thread hop, not one per store
-        # call and handler. A cancelled caller stops waiting; the delivery still ends
-        # properly in its thread, so no claim is left behind.
-        return await to_thread(functools.partial(run, host, delivery))
+        # call and handler. A cancelled caller stops waiting; a claim not yet acquired is
+        # then given back at once, one already running its handlers ends in its thread.
+        try:
+            return await to_thread(functools.partial(run, host, delivery))
+        except BaseException:
+            with _HOLD:
+                delivery.abandoned = True
+            raise
     plan = _deliver(host, delivery)
     try:
         step = plan.send(None)
@@ -169,10 +198,13 @@ async def arun(host: Host, delivery: Delivery, offload: Offload | None = None) -
         response: Response = stop.value
         return response
     except BaseException:
-        # Cancelled (the client went away, a timeout): give the claim back now, so the
-        # sender's retry is not refused for a whole lease. It cannot be awaited here.
-        if delivery.held:
-            key, token = delivery.key, delivery.held
+        # Cancelled: give the claim back now, so the sender's retry is not refused for a
+        # whole lease. It cannot be awaited here.
+        with _HOLD:
+            delivery.abandoned = True
+            token, delivery.held = delivery.held, ""
+        if token:
+            key = delivery.key
             _in_background(lambda: store.release(key, token))
         raise
 
@@ -183,40 +215,49 @@ async def arun(host: Host, delivery: Delivery, offload: Offload | None = None) -
 def _deliver(host: Host, d: Delivery) -> _Plan:
     """Claim the event, run the handlers that have not succeeded yet, record the result.
 
-    With the journal on, the same store calls carry the entry and each handler's
-    outcome. A replay runs this same plan over a stored body. Once the handlers have
-    finished (or no handler wanted the event), the run's waiters are told.
+    With the journal on, the same store calls carry the entry, each handler's outcome and
+    the :class:`Attempt` (its source, answer, outcome and duration). A replay runs this same
+    plan over a stored body. Once the handlers have finished (or no handler wanted the
+    event), the run's waiters are told.
     """
     store = host.store
     journal = host.journal is not None
+    started, clock = time.time(), time.perf_counter()
+    source = "replay" if d.replay else "sender"
     if not d.handlers and d.entry is not None:
+        attempt = Attempt(started, source, 200, "ignored", time.perf_counter() - clock)
         try:  # nothing can be lost: the answer is 200 whatever the store says
-            yield _StoreCall(_as_journal_store(store).journal_ignore, (d.entry,))
+            yield _StoreCall(_as_journal_store(store).journal_ignore, (d.entry, attempt))
         except Exception as exc:
-            logger.warning("could not journal ignored event %s: %r", d.key[:200], exc)
+            logger.warning("could not journal ignored event %s: %r", cut(d.key), exc)
         return (yield from _ended(host, d, RECEIVED))
     lease_s = host.lease.total_seconds()
     retention_s = host.retention.total_seconds()
     try:
         if journal:
             claim: Claim = yield _StoreCall(
-                store.claim,
-                (d.key, lease_s, d.entry),
+                _claimed,
+                (d, store, d.key, lease_s, d.entry),
                 {"replay": True, "force": d.force} if d.replay else None,
             )
         else:
-            claim = yield _StoreCall(store.claim, (d.key, lease_s))
+            claim = yield _StoreCall(_claimed, (d, store, d.key, lease_s))
     except Exception as exc:
         return _store_failed(exc, d, "claim")
     if claim.state is ClaimState.DONE:
-        logger.info("duplicate of %s (run %s) acknowledged", d.event.event, d.run_id)
+        logger.info(
+            "duplicate of %s (run %s) acknowledged", cut(d.event.event), cut(d.run_id or "-")
+        )
         return (yield from _ended(host, d, DUPLICATE))
     if claim.state is ClaimState.BUSY:
-        error = EventInFlight(f"key {d.key!r}")
+        error = EventInFlight(f"key {cut(d.key)!r}")
         log_refusal(error, d.event, level=logging.INFO)
         return refusal(error, retry_after=min(claim.retry_after, 60.0))
-    token = d.held = claim.token
+    if not claim.token:  # acquired after the caller went away: given back by _claimed
+        return refusal(StoreUnavailable("abandoned"), retry_after=0)
+    token = claim.token
     outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
+    succeeded: set[str] = set()
     for handler in d.handlers:
         if handler.id in claim.done_handlers or handler.id in d.skip:
             continue
@@ -234,21 +275,28 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
         except Exception as exc:
             _log_handler_failure(handler, d, exc)
             release_args: tuple[Any, ...] = (d.key, token)
+            attempt = Attempt(started, source, 500, "failed", time.perf_counter() - clock)
             if outcomes is not None:
                 outcomes[handler.id] = _failure(exc)
-                release_args = (d.key, token, outcomes)
+                release_args = (d.key, token, outcomes, attempt)
             try:
                 yield _StoreCall(store.release, release_args)
             except Exception as release_exc:  # the lease will expire on its own
-                logger.warning("could not release the claim on %s: %r", d.key, release_exc)
+                logger.warning("could not release the claim on %s: %r", cut(d.key), release_exc)
             d.held = ""
+            if outcomes is not None and claim.prior_state != "failed":
+                yield from _failed_first(host, d)
             return (yield from _ended(host, d, refusal(HandlerFailed())))
         outcome = recorded
         if outcome is None and outcomes is not None:
             outcome = HandlerOutcome(ok=True, at=time.time())
         if outcomes is not None and outcome is not None:
             outcomes[handler.id] = outcome
-        if len(d.handlers) > 1 and not handler.atomic:
+        succeeded.add(handler.id)
+        # Each handler that succeeded is recorded before the next one runs, so a failure
+        # there never runs it again; the last one's record is the completion's (one round
+        # trip fewer: DESIGN section 5).
+        if len(d.handlers) > 1 and not handler.atomic and handler is not d.handlers[-1]:
             mark_args: tuple[Any, ...] = (d.key, token, handler.id, retention_s)
             if outcome is not None:
                 mark_args = (*mark_args, outcome)
@@ -256,15 +304,89 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
                 yield _StoreCall(store.mark_handler_done, mark_args)
             except Exception as exc:
                 return _store_failed(exc, d, "record a handler of")
+    if d.replay and outcomes is not None and (not succeeded or d.failed - succeeded):
+        # Nothing ran, or a handler that failed before has none to run it now.
+        return (yield from _ran_nothing(host, d, token, outcomes, started, clock))
     complete_args: tuple[Any, ...] = (d.key, token, retention_s)
     if outcomes is not None:
-        complete_args = (*complete_args, outcomes)
+        attempt = Attempt(started, source, 200, "handled", time.perf_counter() - clock)
+        complete_args = (*complete_args, outcomes, attempt)
     try:
         yield _StoreCall(store.complete, complete_args)
     except Exception as exc:
         return _store_failed(exc, d, "record")
     d.held = ""
     return (yield from _ended(host, d, RECEIVED))
+
+
+def _claimed(d: Delivery, store: Store, *args: Any, **kwargs: Any) -> Claim:
+    """The claim, taken where the store call runs (a worker thread under ``ahandle``).
+
+    An acquired claim is held by the delivery from here; if its caller went away while the
+    store worked, it is given back at once and the plan sees no token.
+    """
+    result: Claim = store.claim(*args, **kwargs)
+    if result.state is ClaimState.ACQUIRED:
+        with _HOLD:
+            abandoned = d.abandoned
+            if not abandoned:
+                d.held = result.token
+        if abandoned:
+            try:
+                store.release(d.key, result.token)
+            except Exception as exc:  # the lease will expire on its own
+                logger.debug("could not give back an abandoned claim: %r", exc)
+            result = Claim(ClaimState.ACQUIRED, "", result.done_handlers, 0.0, None, "")
+    return result
+
+
+def _ran_nothing(
+    host: Host,
+    d: Delivery,
+    token: str,
+    outcomes: dict[str, HandlerOutcome],
+    started: float,
+    clock: float,
+) -> _Plan:
+    """A replay that found no handler to run for a failed one (removed, or its filter
+    changed), or none at all: recorded as ``no_handler``. An entry with a failed handler
+    left stays ``failed`` (never ``handled`` over a failed outcome); one without becomes
+    ``handled``."""
+    attempt = Attempt(started, "replay", 200, "no_handler", time.perf_counter() - clock)
+    store = host.store
+    try:
+        if d.failed - outcomes.keys():
+            yield _StoreCall(store.release, (d.key, token, outcomes, attempt))
+        else:
+            ttl = host.retention.total_seconds()
+            yield _StoreCall(store.complete, (d.key, token, ttl, outcomes, attempt))
+    except Exception as exc:
+        return _store_failed(exc, d, "record")
+    d.held = ""
+    logger.warning(
+        "replay of %s ran no handler: no registered handler wants this event any more",
+        cut(d.key),
+    )
+    return (yield from _ended(host, d, NO_HANDLER))
+
+
+def _failed_first(host: Host, d: Delivery) -> Generator[_Action, Any, None]:
+    """Tell ``on_failure`` about an entry that has just become failed (not one that was
+    already: a sender's retries that fail again are not news)."""
+    callback, journal = host.on_failure, host.journal
+    if callback is None or journal is None:
+        return
+    key = d.key
+
+    def call() -> None:
+        try:
+            entry = journal.get(key)
+            if entry is not None:
+                callback(entry)
+        except Exception as exc:  # an alerting hook never breaks a delivery
+            logger.error("on_failure callback failed for %s", cut(key), exc_info=exc)
+
+    yield _StoreCall(call, ())
 
 
 def _ended(host: Host, d: Delivery, response: Response) -> _Plan:
@@ -288,6 +410,14 @@ def run_id_of(event: AnyEvent | None) -> str | None:
     return event.data.run_id
 
 
+def cut(text: str | None, limit: int = LOG_TEXT_LIMIT) -> str:
+    """Sender-chosen text as a log line shows it: at most ``limit`` characters (``-`` for
+    none), so that no delivery can make a log line long."""
+    if not text:
+        return "-"
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
 def log_refusal(error: WebhookError, event: AnyEvent | None, level: int = logging.WARNING) -> None:
     """The one log line of a refused delivery."""
     logger.log(
@@ -295,9 +425,9 @@ def log_refusal(error: WebhookError, event: AnyEvent | None, level: int = loggin
         "refused delivery: reason=%s status=%d event=%s run_id=%s%s",
         error.code,
         error.status,
-        event.event if event is not None else "-",
-        run_id_of(event) or "-",
-        f" ({error.detail})" if error.detail else "",
+        cut(event.event) if event is not None else "-",
+        cut(run_id_of(event)),
+        f" ({cut(error.detail, 500)})" if error.detail else "",
         extra={"flymy_reason": error.code, "flymy_status": error.status},
     )
 
@@ -309,40 +439,46 @@ def _store_failed(exc: Exception, d: Delivery, doing: str) -> Response:
         " to %s it: %s)",
         error.code,
         error.status,
-        d.event.event,
-        run_id_of(d.event) or "-",
+        cut(d.event.event),
+        cut(d.run_id),
         doing,
-        error.detail or type(exc).__name__,
+        cut(error.detail, 500) if error.detail else type(exc).__name__,
         extra={"flymy_reason": error.code, "flymy_status": error.status},
     )
     return refusal(error, retry_after=5)
 
 
 def _log_handler_failure(handler: Handler, d: Delivery, exc: Exception) -> None:
+    """A handler's failure: "handler failed" (the sender is answered 500 to retry; a replay
+    says it is one), never "refused delivery": the event was accepted."""
     extra: dict[str, Any] = {
         "flymy_event": d.event.event,
-        "flymy_run_id": run_id_of(d.event),
+        "flymy_run_id": d.run_id,
         "flymy_handler": handler.id,
         "flymy_reason": HandlerFailed.code,
         "flymy_status": HandlerFailed.status,
+        "flymy_replay": d.replay,
     }
+    what = "replay: handler failed" if d.replay else "handler failed"
     if isinstance(exc, OutputMismatch):
         extra["flymy_output"] = d.raw.get("data", {}).get("output")
         logger.error(
-            "refused delivery: reason=handler_failed status=500 event=%s run_id=%s"
-            " (handler %s not run: %s)",
-            d.event.event,
-            run_id_of(d.event) or "-",
-            handler.id,
-            exc,
+            "%s: handler=%s event=%s run_id=%s status=500 (not run: %s)",
+            what,
+            cut(handler.id),
+            cut(d.event.event),
+            cut(d.run_id),
+            cut(str(exc), 500),
             extra=extra,
         )
         return
     logger.error(
-        "refused delivery: reason=handler_failed status=500 event=%s run_id=%s (handler %s raised)",
-        d.event.event,
-        run_id_of(d.event) or "-",
-        handler.id,
+        "%s: handler=%s event=%s run_id=%s status=500 (raised %s)",
+        what,
+        cut(handler.id),
+        cut(d.event.event),
+        cut(d.run_id),
+        type(exc).__name__,
         exc_info=exc,
         extra=extra,
     )

@@ -20,6 +20,7 @@ __all__ = [
     "StoreUnavailable",
     "UnsupportedEncoding",
     "WebhookError",
+    "public_name",
 ]
 
 
@@ -111,3 +112,12 @@ class HandlerFailed(WebhookError):
     status = 500
     code = "handler_failed"
     public_message = "Handler failed"
+
+
+def public_name(obj: object) -> str:
+    """The name of ``obj``'s class as users know it: the nearest public class, never a
+    private helper such as the default in-process store's own subclass."""
+    for cls in type(obj).__mro__:
+        if not cls.__name__.startswith("_"):
+            return cls.__name__
+    return type(obj).__name__

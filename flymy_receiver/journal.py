@@ -18,11 +18,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError, EventInFlight, StoreUnavailable
 from .rationing import TokenBucket
+from .resend import curl_command, post_signed
 from .stores.base import JournalStore
 from .stores.records import HandlerOutcome, JournalEntry, Refusal
 
@@ -36,12 +38,15 @@ __all__ = [
     "JournalEntry",
     "Refusal",
     "RefusalLog",
+    "ReplayReport",
 ]
 
 logger = logging.getLogger("flymy_receiver")
 
 #: How long an entry is kept after its last change, bodies included.
 DEFAULT_JOURNAL_RETENTION = timedelta(days=30)
+#: Entries per keyset page when a bulk operation reads what matches.
+_PAGE = 500
 
 
 class Journal:
@@ -77,28 +82,61 @@ class Journal:
         agent_id: str | None = None,
         since: datetime | None = None,
         limit: int = 100,
+        *,
+        run_id: str | None = None,
+        until: datetime | None = None,
+        before: JournalEntry | str | None = None,
     ) -> builtins.list[JournalEntry]:
-        """Entries newest first; each filter is optional. ``since`` is an aware datetime."""
+        """Entry summaries (no body, no history) newest first; each filter is optional.
+
+        ``since`` (inclusive) and ``until`` (exclusive) are aware datetimes bounding when an
+        entry was first received. ``before`` is the last entry (or its key) of the previous
+        page: the next page holds the entries strictly older than it (keyset paging, so a
+        page costs the same however deep it is).
+        """
         if limit < 1:
             return []
+        before_key = before.key if isinstance(before, JournalEntry) else before
         return self.store.journal_list(
-            state=state, event=event, agent_id=agent_id, since=since, limit=limit
+            state=state,
+            event=event,
+            agent_id=agent_id,
+            run_id=run_id,
+            since=since,
+            until=until,
+            before=before_key,
+            limit=limit,
         )
+
+    def resolve(self, key_or_run_id: str, note: str = "") -> JournalEntry:
+        """Dismiss an entry that will never succeed: state ``resolved`` with ``note`` (kept,
+        shown, never replayed in bulk, not listed as failed). A later delivery of it that
+        runs its handlers makes it ``pending`` again. Returns the updated entry; raises
+        :class:`KeyError` for an unknown entry."""
+        entry = self.get(key_or_run_id)
+        if entry is None or not self.store.journal_resolve(entry.key, str(note)[:2000]):
+            raise KeyError(f"no journal entry for {str(key_or_run_id)[:200]!r}")
+        updated = self.get(entry.key)
+        return updated if updated is not None else entry
 
     def replay(self, key_or_run_id: str, force: bool = False) -> JournalEntry:
         """Run the handlers of an entry that have not succeeded yet (``force``: all of them).
 
-        Returns the updated entry (``state`` tells how it went: a handler that raises again
-        leaves it ``failed``). Raises :class:`KeyError` for an unknown entry,
-        :class:`~flymy_receiver.errors.EventInFlight` while a delivery or another replay
-        holds it, :class:`~flymy_receiver.errors.StoreUnavailable` when the store fails.
+        Returns the updated entry: its ``state`` tells how it went (a handler that raises
+        again leaves it ``failed``), its last ``history`` attempt what the replay did. A
+        replay that finds no registered handler for a handler that failed (removed, or its
+        filter changed) runs nothing, records ``no_handler`` and leaves the entry ``failed``.
+        Raises :class:`KeyError` for an unknown entry, :class:`LookupError` for one whose
+        body was dropped, :class:`~flymy_receiver.errors.EventInFlight` while a delivery or
+        another replay holds it, :class:`~flymy_receiver.errors.StoreUnavailable` when the
+        store fails.
         """
         if self.receiver is None:
             raise ConfigurationError("replaying needs the receiver whose handlers it runs")
         entry = self.get(key_or_run_id)
         if entry is None:
             raise KeyError(f"no journal entry for {str(key_or_run_id)[:200]!r}")
-        response = self.receiver._replay(entry, force=force)
+        response = self.receiver.replay_entry(entry, force=force)
         if response.status == EventInFlight.status:
             raise EventInFlight(f"key {entry.key[:200]!r} is being handled")
         if response.status == StoreUnavailable.status:
@@ -106,31 +144,147 @@ class Journal:
         updated = self.get(entry.key)
         return updated if updated is not None else entry
 
-    def replay_failed(self, since: datetime | None = None) -> builtins.list[JournalEntry]:
-        """Replay every ``failed`` entry (newest first); returns the updated entries.
+    def replay_all(
+        self,
+        state: str | None = "failed",
+        event: str | None = None,
+        agent_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        dry_run: bool = False,
+        per_second: float | None = None,
+    ) -> ReplayReport:
+        """Replay every entry the filters match (``state="failed"`` includes stalled ones;
+        ``since``/``until`` bound when an entry was first received). ``resolved`` entries
+        are never replayed. ``dry_run`` only lists what would be; ``per_second`` paces the
+        replays. Returns a :class:`ReplayReport`."""
+        if per_second is not None and not per_second > 0:
+            raise ValueError("per_second must be a positive number, or None")
+        if state == "resolved":
+            raise ValueError("resolved entries are never replayed in bulk")
+        matched = self._matching(state, event, agent_id, since, until)
+        report = ReplayReport(matched=matched, dry_run=dry_run)
+        if dry_run or not matched:
+            return report
+        if self.receiver is None:
+            raise ConfigurationError("replaying needs the receiver whose handlers it runs")
+        interval = 0.0 if per_second is None else 1.0 / per_second
+        next_at = time.monotonic()
+        for key in matched:
+            if interval:
+                wait = next_at - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                next_at = max(next_at, time.monotonic()) + interval
+            try:
+                entry = self.replay(key)
+            except EventInFlight:
+                logger.info("replay of %s skipped: it is being handled", key[:200])
+                report.in_flight.append(key)
+                continue
+            except (KeyError, LookupError):  # expired, or its body dropped, meanwhile
+                report.failed.append(key)
+                continue
+            (report.handled if entry.state == "handled" else report.failed).append(key)
+        return report
 
-        An entry held by a delivery right now is skipped (that delivery is handling it).
-        """
-        results: builtins.list[JournalEntry] = []
-        # Bounded batches: replaying changes states, so each pass lists afresh.
-        seen: set[str] = set()
-        while True:
-            listed = self.list(state="failed", since=since, limit=len(seen) + 100)
-            batch = [entry for entry in listed if entry.key not in seen]
-            if not batch:
-                return results
-            for entry in batch:
-                seen.add(entry.key)
-                try:
-                    results.append(self.replay(entry.key))
-                except EventInFlight:
-                    logger.info("replay of %s skipped: it is being handled", entry.key[:200])
+    def replay_failed(self, since: datetime | None = None) -> builtins.list[JournalEntry]:
+        """Replay every ``failed`` (or stalled) entry, newest first: the shorthand of
+        :meth:`replay_all`. Returns the updated entries; one held by a delivery right now is
+        skipped (that delivery is handling it)."""
+        report = self.replay_all(state="failed", since=since)
+        entries = []
+        for key in [*report.handled, *report.failed]:
+            entry = self.get(key)
+            if entry is not None:
+                entries.append(entry)
+        return entries
+
+    def resend(self, key_or_run_id: str, url: str, timeout: float = 30.0) -> int:
+        """POST an entry's stored body to ``url`` (a staging or local app), signed afresh with
+        the receiver's first secret; returns the HTTP status, whatever it is (a 500 is
+        returned, not raised). Nothing is recorded here: the app at ``url`` journals it.
+        Raises :class:`KeyError` for an unknown entry, :class:`LookupError` when its body
+        was dropped, :class:`ValueError` for a URL that is not ``http(s)``, and
+        :class:`~flymy_receiver.resend.ResendFailed` when ``url`` cannot be reached."""
+        if self.receiver is None:
+            raise ConfigurationError("resending needs the receiver whose secret signs it")
+        body = self._body_of(key_or_run_id)
+        return post_signed(url, body, self.receiver.sign(body), timeout)
+
+    def curl(self, key_or_run_id: str, url: str) -> str:
+        """A ``curl`` command that POSTs an entry's stored body to ``url``, signing it with
+        ``$FLYMY_WEBHOOK_SECRET`` as it runs (no secret, no signature in the text)."""
+        return curl_command(url, self._body_of(key_or_run_id))
 
     def refusals(self, limit: int = 100) -> builtins.list[Refusal]:
         """Refused deliveries, newest first (no bodies)."""
         if self._refusals is not None:
             self._refusals.flush()
         return self.store.refusals(limit)
+
+    def _body_of(self, key_or_run_id: str) -> bytes:
+        entry = self.get(key_or_run_id)
+        if entry is None:
+            raise KeyError(f"no journal entry for {str(key_or_run_id)[:200]!r}")
+        if entry.body is None:
+            raise LookupError(f"the body of {entry.key[:200]!r} was dropped (journal byte limit)")
+        return entry.body
+
+    def _matching(
+        self,
+        state: str | None,
+        event: str | None,
+        agent_id: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> builtins.list[str]:
+        """Every key the filters match, newest first, read in keyset pages (summaries)."""
+        keys: builtins.list[str] = []
+        before: str | None = None
+        while True:
+            page = self.store.journal_list(
+                state=state,
+                event=event,
+                agent_id=agent_id,
+                since=since,
+                until=until,
+                before=before,
+                limit=_PAGE,
+            )
+            keys.extend(e.key for e in page if e.state != "resolved")
+            if len(page) < _PAGE:
+                return keys
+            before = page[-1].key
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What :meth:`Journal.replay_all` did: ``matched`` keys newest first; after a run, the
+    keys that ended ``handled``, those still ``failed`` (a handler raised again, or none was
+    left to run), and those skipped because a delivery held them (``in_flight``)."""
+
+    matched: builtins.list[str]
+    dry_run: bool = False
+    handled: builtins.list[str] = field(default_factory=builtins.list)
+    failed: builtins.list[str] = field(default_factory=builtins.list)
+    in_flight: builtins.list[str] = field(default_factory=builtins.list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every matched entry ended handled (a dry run: whether nothing matched)."""
+        if self.dry_run:
+            return not self.matched
+        return not self.failed and not self.in_flight
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "matched": builtins.list(self.matched),
+            "dry_run": self.dry_run,
+            "handled": builtins.list(self.handled),
+            "failed": builtins.list(self.failed),
+            "in_flight": builtins.list(self.in_flight),
+        }
 
 
 class RefusalLog:

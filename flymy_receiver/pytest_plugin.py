@@ -5,20 +5,26 @@ When pytest starts with no ``FLYMY_WEBHOOK_SECRET`` set, the plugin sets it to
 be imported by a test module (``from app import app`` at the top) with no setup.
 ``flymy_secret`` is that secret (whatever ``FLYMY_WEBHOOK_SECRET`` holds, yours if you set
 it); ``flymy_event`` is :func:`~flymy_receiver.testing.make_event`; ``flymy_signed`` signs an
-event with ``flymy_secret``. Imports no web framework, and nothing until a fixture is used.
+event with ``flymy_secret``; ``flymy_receiver_store`` gives a receiver a fresh in-memory
+store for one test, so that tests posting the same run id do not see each other's records.
+Imports no web framework, and nothing until a fixture is used.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from .signature import SECRET_ENV_VAR as _SECRET_ENV_VAR
 
-__all__ = ["TEST_SECRET", "flymy_event", "flymy_secret", "flymy_signed"]
+if TYPE_CHECKING:
+    from .receiver import Receiver
+    from .stores.base import Store
+
+__all__ = ["TEST_SECRET", "flymy_event", "flymy_receiver_store", "flymy_secret", "flymy_signed"]
 
 #: The secret tests use when ``FLYMY_WEBHOOK_SECRET`` is not set.
 TEST_SECRET = "whsec-flymy-receiver-tests"  # noqa: S105 - a test value, not a real secret
@@ -71,3 +77,29 @@ def flymy_signed(flymy_secret: str) -> Callable[..., Any]:
         return signed_request(event, secret or flymy_secret, headers=headers)
 
     return build
+
+
+@pytest.fixture
+def flymy_receiver_store() -> Iterator[Callable[..., Any]]:
+    """Factory: ``flymy_receiver_store(receiver)`` gives ``receiver`` (your app's, built at
+    import time) a fresh :class:`~flymy_receiver.stores.MemoryStore` for this test, journal
+    and waiters included, and returns it; the receiver's own store is put back after the
+    test. Pass ``store=`` to use another one. Use it in an autouse fixture::
+
+        @pytest.fixture(autouse=True)
+        def fresh_store(flymy_receiver_store):
+            flymy_receiver_store(app.receiver)
+    """
+    from .stores.memory import MemoryStore
+
+    swapped: list[tuple[Receiver, Store]] = []
+
+    def fresh(receiver: Receiver, store: Store | None = None) -> Store:
+        new = store if store is not None else MemoryStore()
+        swapped.append((receiver, receiver.store))
+        receiver._use_store(new)
+        return new
+
+    yield fresh
+    for receiver, original in reversed(swapped):
+        receiver._use_store(original)

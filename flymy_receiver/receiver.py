@@ -9,8 +9,10 @@ plan it hands an authentic event to (:mod:`flymy_receiver.delivery`), once.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timedelta
@@ -19,7 +21,7 @@ from typing import Any
 
 from . import events as _events
 from .awaiting import DEFAULT_TIMEOUT, Waiters
-from .delivery import AnyEvent, Delivery, Offload, arun, log_refusal, run, run_id_of
+from .delivery import AnyEvent, Delivery, Offload, arun, cut, log_refusal, run, run_id_of
 from .errors import (
     ConfigurationError,
     HandlerFailed,
@@ -29,6 +31,7 @@ from .errors import (
     StaleEvent,
     UnsupportedEncoding,
     WebhookError,
+    public_name,
 )
 from .events import UnknownEvent
 from .headers import READ_HEADERS, Headers, read_headers
@@ -42,6 +45,7 @@ from .signature import (
     explain_mismatch,
     match_signature,
     normalize_secrets,
+    sign,
     signature_candidates,
 )
 from .stores.base import JournalStore, Store, journals, runs_atomic
@@ -63,6 +67,12 @@ DEFAULT_LEASE = timedelta(minutes=5)
 #: Longer idempotency keys are replaced by a digest of themselves.
 _MAX_KEY_LENGTH = 200
 
+# Event names already warned about as wanted by no handler, in this process (bounded: the
+# names are the sender's text). Once per name and process, so a flood stays quiet.
+_UNWANTED_SEEN: set[str] = set()
+_UNWANTED_LIMIT = 100
+_UNWANTED_LOCK = threading.Lock()
+
 
 class Receiver(Router):
     """Verifies, parses and dispatches FlyMy.AI webhook deliveries.
@@ -78,7 +88,11 @@ class Receiver(Router):
     ``max_body_size`` is in bytes. ``clock`` returns the current aware ``datetime`` for the
     replay window (tests); by default the system clock. ``journal`` keeps every authentic
     delivery with its body in the store, for ``journal_retention`` after its last change
-    (see :attr:`journal`; ``False`` keeps idempotency records only).
+    (see :attr:`journal`; ``False`` keeps idempotency records only). ``on_failure`` is
+    called with the :class:`~flymy_receiver.journal.JournalEntry` when an entry first ends an
+    attempt ``failed`` (not again for retries that fail after it; again once it was handled
+    or resolved and fails anew); for alerting. It needs the journal; what it raises is
+    logged, never raised into a delivery.
     """
 
     def __init__(
@@ -95,6 +109,7 @@ class Receiver(Router):
         clock: Callable[[], datetime] | None = None,
         journal: bool = True,
         journal_retention: timedelta = DEFAULT_JOURNAL_RETENTION,
+        on_failure: Callable[[JournalEntry], object] | None = None,
     ) -> None:
         super().__init__()
         self._keys = normalize_secrets(secret)
@@ -128,12 +143,46 @@ class Receiver(Router):
             MappingProxyType({SIGNATURE_HEADER: f"valid (secret {i + 1} of {len(self._keys)})"})
             for i in range(len(self._keys))
         ]
-        if journal and journals(self.store):
-            journal_store: JournalStore = self.store  # type: ignore[assignment]  # journals() said so
+        self._journaling = journal
+        self._use_store(self.store)
+        if on_failure is not None and self.journal is None:
+            raise ConfigurationError(
+                "on_failure needs the delivery journal (journal=True and a store that keeps"
+                f" one); {public_name(self.store)} with journal={journal} keeps none"
+            )
+        #: Called with an entry that has just become ``failed`` (see the class docstring).
+        self.on_failure: Callable[[JournalEntry], object] | None = on_failure
+
+    def _use_store(self, store: Store) -> None:
+        """Keep records, the journal and the waiters in ``store`` from now on."""
+        self.store = store
+        self.journal, self._refusal_log = None, None
+        if self._journaling and journals(store):
+            journal_store: JournalStore = store  # type: ignore[assignment]  # journals() said so
             self._refusal_log = RefusalLog(journal_store)
             self.journal = Journal(journal_store, self, self._refusal_log)
         #: The calls waiting for runs' webhooks (:meth:`wait_for`, :meth:`results`).
-        self.waiters = Waiters(self.store, self.journal.store if self.journal else None)
+        self.waiters = Waiters(store, self.journal.store if self.journal else None)
+
+    def with_store(self, store: Store) -> Receiver:
+        """This receiver (the same handlers, secrets and settings) journaling in ``store``.
+
+        For tools that look at another store with an app's handlers, such as the inspector
+        given ``--app`` and ``--store``. A shallow copy: the handlers are the same objects,
+        so their ids, which the journal keys outcomes by, are the same too. Raises
+        :class:`ValueError` when ``store`` keeps no journal.
+        """
+        if not journals(store):
+            raise ValueError(f"a {public_name(store)} keeps no delivery journal")
+        clone = copy.copy(self)
+        clone._journaling = True
+        clone._use_store(store)
+        return clone
+
+    def sign(self, body: bytes) -> str:
+        """The signature header value of ``body`` under this receiver's first (newest)
+        secret, for tools that send a stored or test delivery (never the secret itself)."""
+        return sign(body, self._keys[0])
 
     def __repr__(self) -> str:
         return (
@@ -168,19 +217,35 @@ class Receiver(Router):
             return delivery
         return await arun(self, delivery, offload)
 
-    async def wait_for(self, run_id: str, timeout: float | None = DEFAULT_TIMEOUT) -> AnyEvent:
+    async def wait_for(
+        self,
+        run_id: str,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        output: type[Any] | None = None,
+    ) -> AnyEvent:
         """The event of run ``run_id`` once a delivery of it ended after its handlers ran
         (whether they succeeded or not), at once if the journal has one; raises
-        :class:`TimeoutError` after ``timeout`` seconds. See :mod:`flymy_receiver.awaiting`.
+        :class:`TimeoutError` after ``timeout`` seconds. ``output=Model`` gives a
+        ``run.completed`` event as ``RunCompleted[Model]`` (its output validated; a
+        mismatch raises :class:`~flymy_receiver.routing.OutputMismatch`). A process that
+        only waits needs no receiver: see :meth:`Waiters.for_store
+        <flymy_receiver.awaiting.Waiters.for_store>`.
         """
-        return await self.waiters.wait_for(run_id, timeout)
+        return await self.waiters.wait_for(run_id, timeout, output=output)
 
     def results(
-        self, run_ids: Iterable[str], timeout: float | None = DEFAULT_TIMEOUT
+        self,
+        run_ids: Iterable[str],
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        output: type[Any] | None = None,
     ) -> AsyncIterator[AnyEvent]:
         """Each run's event once, in the order they resolve (``async for``); ``timeout`` is
-        an overall deadline."""
-        return self.waiters.results(run_ids, timeout)
+        an overall deadline. The iterator holds its waiter until it is exhausted or closed:
+        leave the ``async for`` with ``break`` inside ``contextlib.aclosing(...)`` (or call
+        ``aclose()``) to stop waiting at once."""
+        return self.waiters.results(run_ids, timeout, output=output)
 
     def precheck(self, headers: Headers, method: str = "POST") -> Response | None:
         """The answer to give before reading the body, or ``None`` to go on reading.
@@ -209,7 +274,7 @@ class Receiver(Router):
         if handler.atomic and not runs_atomic(self.store):
             raise ConfigurationError(
                 f"handler {handler.id}: atomic=True needs a store that runs a handler in one"
-                f" transaction with its record (DjangoStore); {type(self.store).__name__} cannot"
+                f" transaction with its record (DjangoStore); {public_name(self.store)} cannot"
             )
         super()._check(handler)
 
@@ -239,14 +304,17 @@ class Receiver(Router):
         handlers = self.handlers_for(event)
         run_id = run_id_of(event)
         if not handlers:
-            logger.debug("no handler for %s (run %s)", event.event, run_id)
+            _warn_unwanted(event.event, run_id)
             if self.journal is None:
                 return RECEIVED
         try:
             key = self._key_for(event, run_id, body)
         except Exception as exc:  # a custom idempotency_key is user code: it must not escape
             logger.error(
-                "idempotency_key failed for %s (run %s)", event.event, run_id, exc_info=exc
+                "idempotency_key failed for %s (run %s)",
+                cut(event.event),
+                cut(run_id),
+                exc_info=exc,
             )
             return refusal(HandlerFailed(code="idempotency_key_failed"))
         entry = None
@@ -273,14 +341,20 @@ class Receiver(Router):
         if self._refusal_log is not None:
             self._refusal_log.note(error.status, error.code, error.detail)
 
-    def _replay(self, entry: JournalEntry, force: bool) -> Response:
-        """Deliver a journal entry again through the same plan (see Journal.replay)."""
+    def replay_entry(self, entry: JournalEntry, force: bool = False) -> Response:
+        """Deliver a journal entry again through the same plan; what
+        :meth:`Journal.replay <flymy_receiver.journal.Journal.replay>` runs. The answer is
+        :data:`~flymy_receiver.delivery.NO_HANDLER` when no handler was left to run."""
+        if entry.body is None:
+            raise LookupError(f"the body of {entry.key[:200]!r} is not in the journal")
         event, raw = _events.parse_event(entry.body)  # authenticated when it arrived
         skip = frozenset() if force else frozenset(n for n, o in entry.handlers.items() if o.ok)
+        failed = frozenset(n for n, o in entry.handlers.items() if o.state == "failed")
         handlers = self.handlers_for(event)
         delivery = Delivery(
             event, raw, entry.key, run_id_of(event), handlers, replay=True, force=force, skip=skip
         )
+        delivery.failed = failed
         return run(self, delivery)
 
     def _check_request(self, headers: Headers, method: str) -> list[Any]:
@@ -333,3 +407,25 @@ def _span(delta: timedelta) -> str:
             count = seconds // size
             return f"{count} {unit}{'s' if count != 1 else ''}"
     return f"{seconds} seconds"
+
+
+def _warn_unwanted(event: str, run_id: str | None) -> None:
+    """An authentic event no handler wants: a WARNING once per event name and process (a
+    typo in a handler's event name, or an agent filter, would otherwise drop events
+    quietly); DEBUG after that."""
+    name = event[:200]
+    with _UNWANTED_LOCK:
+        first = name not in _UNWANTED_SEEN and len(_UNWANTED_SEEN) < _UNWANTED_LIMIT
+        if first:
+            _UNWANTED_SEEN.add(name)
+    if first:
+        logger.warning(
+            "no handler wants %s events (run %s): answered 200 and journaled as ignored;"
+            " register one with receiver.on(%r) if this is not meant (logged once per event"
+            " name)",
+            cut(event),
+            cut(run_id),
+            cut(event, 60),
+        )
+    else:
+        logger.debug("no handler for %s (run %s)", cut(event), cut(run_id))

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import difflib
 import functools
 import inspect
 import logging
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import FrameType
@@ -27,9 +29,9 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from .errors import ConfigurationError
-from .events import RunCompleted, UnknownEvent, describe_validation_error
+from .events import RunCompleted, RunFailed, UnknownEvent, describe_validation_error
 
-__all__ = ["CATCH_ALL", "Handler", "OutputMismatch", "Router"]
+__all__ = ["CATCH_ALL", "KNOWN_EVENTS", "Handler", "OutputMismatch", "Router"]
 
 logger = logging.getLogger("flymy_receiver")
 
@@ -44,6 +46,10 @@ _generation = [0]
 CATCH_ALL = "*"
 #: Handler ids are stored with each event's records: keep them short.
 MAX_HANDLER_ID_LENGTH = 200
+#: The event names the platform sends today, and the class each arrives as. Registering for
+#: another name needs ``known=False`` (the platform may add events): a typo would otherwise
+#: leave every real event unhandled, quietly.
+KNOWN_EVENTS: Mapping[str, type[Any]] = {"run.completed": RunCompleted, "run.failed": RunFailed}
 
 
 class OutputMismatch(Exception):
@@ -91,7 +97,8 @@ class Handler:
         self.agent_name = agent_name
         self.output = output
         self.id = id
-        self._model = _resolve_model(func, output, id, localns or {})
+        _check_signature(func, id)
+        self._model = _resolve_model(func, output, id, localns or {}, event)
         # Asked on every delivery; inspect's check walks the function's wrappers each time.
         self._is_async = inspect.iscoroutinefunction(func)
 
@@ -135,8 +142,89 @@ class Handler:
         return self.event == other.event or CATCH_ALL in (self.event, other.event)
 
 
+def _check_signature(func: Callable[..., Any], handler_id: str) -> None:
+    """Refuse a handler that cannot be called with exactly one argument, the event."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return
+    try:
+        signature.bind(None)
+    except TypeError:
+        raise ConfigurationError(
+            f"handler {handler_id} cannot be called with one event: its signature is"
+            f" {str(signature)[:200]}. A handler takes exactly one argument, the event"
+            " (give any other parameter a default)"
+        ) from None
+
+
+def _arrives_as(event: str) -> type[Any] | None:
+    """The class an event of this name reaches a handler as (``None`` for ``*``)."""
+    if event == CATCH_ALL:
+        return None
+    return KNOWN_EVENTS.get(event, UnknownEvent)
+
+
+def _classes_of(hint: Any) -> list[type[Any]] | None:
+    """The classes an annotation allows, or ``None`` when it cannot be told (``Any``, a
+    ``TypeVar``, a protocol...): only a plain class or a union of them is checked."""
+    if hint is Any or hint is None:
+        return None
+    args = typing.get_args(hint)
+    if args and typing.get_origin(hint) in (typing.Union, types.UnionType):
+        classes: list[type[Any]] = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            inner = _classes_of(arg)
+            if inner is None:
+                return None
+            classes.extend(inner)
+        return classes
+    metadata = getattr(hint, "__pydantic_generic_metadata__", None)
+    if metadata and metadata.get("origin") is not None:
+        return [metadata["origin"]]
+    if isinstance(hint, type) and not getattr(hint, "_is_protocol", False):
+        return [hint]
+    return None
+
+
+def _check_annotation(hint: Any, event: str, handler_id: str, annotation: Any) -> None:
+    """Refuse an annotation that contradicts the event (``RunFailed`` on ``run.completed``):
+    the handler would fail at every delivery, never at start-up."""
+    arrival = _arrives_as(event)
+    classes = _classes_of(hint)
+    if arrival is None or classes is None:
+        return
+    if any(issubclass(arrival, cls) for cls in classes):
+        return
+    raise ConfigurationError(
+        f"handler {handler_id} is registered for {event!r} but its event is annotated"
+        f" {_shown(annotation)}: {event!r} events arrive as {arrival.__name__}. Register it"
+        " for the event it expects, or annotate the event it gets"
+    )
+
+
+def _check_event_name(event: str, known: bool) -> None:
+    """Refuse an event name the platform does not send, unless ``known=False``."""
+    if not known or event == CATCH_ALL or event in KNOWN_EVENTS:
+        return
+    names = [*KNOWN_EVENTS, CATCH_ALL]
+    close = difflib.get_close_matches(event, list(KNOWN_EVENTS), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigurationError(
+        f"unknown event name {event[:100]!r}: {hint}The platform sends"
+        f" {', '.join(repr(n) for n in names[:-1])} ({CATCH_ALL!r} for every event). For an"
+        " event it may add later, register with on(..., known=False)"
+    )
+
+
 def _resolve_model(
-    func: Callable[..., Any], output: type[Any] | None, handler_id: str, localns: Mapping[str, Any]
+    func: Callable[..., Any],
+    output: type[Any] | None,
+    handler_id: str,
+    localns: Mapping[str, Any],
+    event: str = CATCH_ALL,
 ) -> type[BaseModel] | None:
     if output is not None:
         return RunCompleted[output]  # type: ignore[valid-type]  # a model given at run time
@@ -160,6 +248,7 @@ def _resolve_model(
             "is registered, or pass output=Model to on()"
         ) from None
     first = hint.get("event")
+    _check_annotation(first, event, handler_id, annotation)
     metadata = getattr(first, "__pydantic_generic_metadata__", None)
     if (
         metadata
@@ -268,6 +357,7 @@ class Router:
         output: type[Any] | None = None,
         name: str | None = None,
         atomic: bool = False,
+        known: bool = True,
     ) -> Callable[[F], F]:
         """Register the decorated function for ``event`` (``"*"`` for every event).
 
@@ -277,10 +367,14 @@ class Router:
         succeeds so that a retry skips it (default ``module.qualname``; renaming changes
         it). ``atomic=True`` runs a sync handler in one database transaction with the record
         that it succeeded (needs a store that can, such as ``DjangoStore``; refused with
-        ``ConfigurationError`` otherwise). Returns the function unchanged.
+        ``ConfigurationError`` otherwise). An event name the platform does not send is refused
+        with a "did you mean" unless ``known=False`` (for events it may add), and so are an
+        annotation that contradicts the event and a handler that cannot take exactly one
+        argument. Returns the function unchanged.
         """
         if not isinstance(event, str) or not event:
             raise TypeError("event must be a non-empty event name, or '*'")
+        _check_event_name(event, known)
         if name is not None:
             name = _checked_name(name)
 

@@ -243,7 +243,19 @@ def explain_mismatch(
     if body.startswith(b"\xef\xbb\xbf"):
         hints.append("the body starts with a UTF-8 BOM")
     if body.endswith((b"\n", b"\r")):
-        hints.append("the body ends with a newline")
+        # One HMAC, as cheap as the check itself: say exactly what `verify` would.
+        if _signs_any([body.rstrip(b"\r\n")], keys, candidates):
+            hints.append(
+                "the body ends with a newline: the signature is over this body without its"
+                " final newline (something added one after signing)"
+            )
+        else:
+            hints.append("the body ends with a newline")
+    elif deep and _signs_any([body + b"\n"], keys, candidates):
+        hints.append(
+            "the signature is over this body plus a final newline (something dropped it"
+            " after signing)"
+        )
     if deep and len(body) <= _HINT_BODY_LIMIT:
         forms = _reserialised_forms(body)
         if _signs_any(forms, keys, candidates):

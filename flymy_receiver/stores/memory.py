@@ -66,8 +66,6 @@ class MemoryStore:
         if max_journal_bytes < 0:
             raise ValueError("max_journal_bytes must not be negative")
         self.max_entries = max_entries
-        self.max_journal = max_journal
-        self.max_journal_bytes = max_journal_bytes
         self._clock = clock if clock is not None else time.monotonic
         # Journal times are shown to people, so they come from the wall clock.
         self._journal = MemoryJournal(
@@ -86,6 +84,24 @@ class MemoryStore:
         self._tokens = itertools.count(1)
         self._lock = threading.Lock()
         self._pid: int | None = None  # the default store's builder, to notice a fork
+
+    @property
+    def max_journal(self) -> int:
+        """How many journal entries are kept (may be changed on a live store)."""
+        return self._journal.max_entries
+
+    @max_journal.setter
+    def max_journal(self, value: int) -> None:
+        self._journal.max_entries = value
+
+    @property
+    def max_journal_bytes(self) -> int:
+        """How many bytes of bodies the journal keeps (may be changed on a live store)."""
+        return self._journal.max_bytes
+
+    @max_journal_bytes.setter
+    def max_journal_bytes(self, value: int) -> None:
+        self._journal.max_bytes = value
 
     def __len__(self) -> int:
         return len(self._done) + len(self._claims.keys() | self._handlers.keys())

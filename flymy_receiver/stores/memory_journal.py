@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 
 from .base import Claim, ClaimState
+from .handler_runs import entry_state_after, finished, running
 from .records import HISTORY_LIMIT, Attempt, HandlerOutcome, JournalEntry, NewEntry, to_datetime
 
-__all__ = ["MemoryJournal", "finished"]
+__all__ = ["MemoryJournal"]
 
 logger = logging.getLogger("flymy_receiver")
 
@@ -250,15 +250,7 @@ class MemoryJournal:
             return Claim(ClaimState.BUSY, retry_after=held[1] - now, prior_state=prior)
         kept.leases[handler] = (token, now + lease)
         wall = self.now()
-        kept.handlers[handler] = HandlerOutcome(
-            ok=False,
-            at=wall,
-            state="running",
-            attempts=(before.attempts if before is not None else 0) + 1,
-            deferred=True,
-            queued_at=before.queued_at if before is not None else 0.0,
-            lease_until=wall + lease,
-        )
+        kept.handlers[handler] = running(before, wall, wall + lease)
         kept.updated_at = wall
         return Claim(ClaimState.ACQUIRED, token, body=kept.body, prior_state=prior)
 
@@ -283,18 +275,13 @@ class MemoryJournal:
             return None  # a late worker: whoever holds the lease now records the run
         if holds:
             del kept.leases[handler]
-        before = kept.handlers.get(handler)
-        kept.handlers[handler] = finished(outcome, before)
+        kept.handlers[handler] = finished(outcome, kept.handlers.get(handler))
         kept.history.append(attempt)
-        ok = {name for name, o in kept.handlers.items() if o.state == "ok"}
-        if len(ok) == len(kept.handlers):
-            self.update(key, state="handled")
-        elif not outcome.ok and final:
-            self.update(key, state="failed")
-            return ok
-        else:
-            kept.updated_at = self.now()
-        return None
+        state = entry_state_after((o.state for o in kept.handlers.values()), outcome.ok, final)
+        self.update(key, state=state)
+        if state != "failed":
+            return None
+        return {name for name, o in kept.handlers.items() if o.state == "ok"}
 
     def expire(self) -> None:
         now = self._wall()
@@ -388,17 +375,4 @@ def _stripped(new: NewEntry, retention: float | None = None) -> NewEntry:
     keep = new.retention if retention is None else retention
     return NewEntry(
         new.key, new.event, new.run_id, new.agent_id, new.agent_name, b"", new.headers, keep
-    )
-
-
-def finished(outcome: HandlerOutcome, before: HandlerOutcome | None) -> HandlerOutcome:
-    """A deferred handler's run as recorded: the attempts that its claims counted, when it
-    was queued, and no lease any more."""
-    return replace(
-        outcome,
-        state="ok" if outcome.ok else "failed",
-        deferred=True,
-        attempts=max(outcome.attempts, before.attempts if before is not None else 0),
-        queued_at=outcome.queued_at or (before.queued_at if before is not None else 0.0),
-        lease_until=0.0,
     )

@@ -1,175 +1,73 @@
 """A Redis idempotency store and delivery journal, shared by receivers on many machines.
 
-Each operation on an event is one Lua script, so it is atomic on the server: a claim is a
-``SET ... PX`` that only succeeds on an absent key and expires by itself when its worker
-dies, and the claim's script also writes the event's journal entry (a hash that expires
-``retention`` after its last change). Leases are the server's, so the receivers' clocks do not
-matter for them. All keys of one event share a hash tag, so the store also works on Redis
-Cluster.
+Each step of a delivery is one Lua script call (:mod:`.redis_scripts`), atomic on the server
+and one round trip: the claim writes the event's journal entry and its indexes; the
+completion (or release) records the outcomes, the new state and its index, the attempt in
+the history, and wakes the run's waiters (``PUBLISH``). A one-handler delivery costs two
+round trips. A claim is a ``SET ... PX`` that only succeeds on an absent key and expires by
+itself when its worker dies; leases are the server's, so the receivers' clocks do not matter
+for them.
 
-The journal's global indexes (a sorted set by arrival for listing, one by expiry for purging,
-one small sorted set per run id) cannot share a slot with every event, so they are updated by
-a second command right after the script. If a receiver dies between the two, the entry is
-still found by its key, and listed again with its event's next delivery.
+Bodies live in keys of their own, apart from the claims and idempotency records, and their
+total is bounded (``max_journal_bytes``): past it an entry is kept without its body
+(``body_dropped``), so that bodies never cost a claim. Journal entries expire ``retention``
+after their last change; each journal write also unindexes a bounded number of expired
+entries, and reads repair what they find expired.
 
 A claim that times out on the client may still run on the server once it wakes up (a stalled
 Redis, a slow network). The store then gives that claim up in the background: the token it
 used is released if the claim ran, or remembered so that the claim, if it runs later, takes
 nothing. So a 503 never leaves the event locked for a whole lease.
+
+Redis Cluster: every script touches the journal's indexes, so all of the store's keys must
+share one slot: give a prefix with a hash tag (``prefix="{flymy}:"``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import secrets
-import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import orjson
 
 from ..errors import ConfigurationError, StoreUnavailable
+from . import redis_scripts as scripts
 from .base import Claim, ClaimState
 from .records import (
+    FAILURE_STATES,
+    Attempt,
     HandlerOutcome,
     JournalEntry,
     NewEntry,
     Refusal,
     to_datetime,
 )
+from .redis_entries import (
+    attempt_json,
+    digest,
+    entry_args,
+    entry_from,
+    newest_first,
+    outcome_pairs,
+    text,
+)
+from .redis_give_up import GiveUps
 from .urls import redacted_url
 
-__all__ = ["RedisStore"]
+__all__ = ["DEFAULT_MAX_JOURNAL_BYTES", "RedisStore"]
 
 logger = logging.getLogger("flymy_receiver")
 
-# Every script gets the same four keys of one event:
-# KEYS[1] its state ("done" or "claim:<token>"), KEYS[2] the set of its handlers that
-# succeeded, KEYS[3] its journal entry (a hash; outcomes in "h:<handler>" fields), KEYS[4] the
-# tokens whose claim their client gave up on before it ran.
-_JOURNAL_LUA = """
-local function entry_written()
-  return redis.call('HMGET', KEYS[3], 'received_at', 'run_id', 'retention')
-end
--- A delivery: create the entry from ARGV[first..] (name, value, ...) or count an attempt.
-local function journal_delivery(state, now, retention, first)
-  if redis.call('EXISTS', KEYS[3]) == 1 then
-    redis.call('HINCRBY', KEYS[3], 'attempts', 1)
-    redis.call('HSET', KEYS[3], 'updated_at', now, 'retention', retention)
-    if state then redis.call('HSET', KEYS[3], 'state', state) end
-  else
-    redis.call('HSET', KEYS[3], 'state', state or 'pending', 'attempts', 1,
-      'received_at', now, 'updated_at', now, 'retention', retention, unpack(ARGV, first))
-  end
-  redis.call('PEXPIRE', KEYS[3], retention)
-  return entry_written()
-end
--- A later step: set the state, record outcomes ARGV[first..] (handler, outcome, ...).
-local function journal_update(state, now, first)
-  if redis.call('EXISTS', KEYS[3]) == 0 then return false end
-  if state then redis.call('HSET', KEYS[3], 'state', state) end
-  redis.call('HSET', KEYS[3], 'updated_at', now)
-  for i = first, #ARGV, 2 do redis.call('HSET', KEYS[3], 'h:' .. ARGV[i], ARGV[i + 1]) end
-  redis.call('PEXPIRE', KEYS[3], redis.call('HGET', KEYS[3], 'retention'))
-  return entry_written()
-end
-"""
-
-# ARGV: token, lease ms, force ('1' or ''), journal ('entry', 'replay' or ''), now,
-# retention ms, then the new entry's fields.
-_CLAIM = (
-    _JOURNAL_LUA
-    + """
-local result
-local again = false
-if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
-  redis.call('SREM', KEYS[4], ARGV[1])  -- its client gave up on it: take nothing
-  result = {'busy', {}, 0}
-else
-  local state = redis.call('GET', KEYS[1])
-  if state == 'claim:' .. ARGV[1] then again = true end  -- the same call, sent twice
-  if state == 'done' and ARGV[3] ~= '1' then
-    result = {'done', {}, 0}
-  elseif state and state ~= 'done' and not again then
-    result = {'busy', {}, redis.call('PTTL', KEYS[1])}
-  else
-    redis.call('SET', KEYS[1], 'claim:' .. ARGV[1], 'PX', ARGV[2])
-    if ARGV[3] == '1' then
-      redis.call('DEL', KEYS[2])
-      result = {'acquired', {}, 0}
-    else
-      result = {'acquired', redis.call('SMEMBERS', KEYS[2]), 0}
-    end
-  end
-end
-local acquired = result[1] == 'acquired'
-if ARGV[4] == 'entry' and not again then
-  result[4] = journal_delivery(acquired and 'pending', ARGV[5], ARGV[6], 7)
-elseif ARGV[4] == 'replay' and acquired then
-  result[4] = journal_update('pending', ARGV[5], 7)
-end
-return result
-"""
-)
-# ARGV: handler, ttl ms, journal ('1' or ''), now, handler, outcome.
-_MARK = (
-    _JOURNAL_LUA
-    + """
-if ARGV[3] == '1' then journal_update(false, ARGV[4], 5) end
-if redis.call('GET', KEYS[1]) == 'done' then return 0 end
-redis.call('SADD', KEYS[2], ARGV[1])
-if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[2], ARGV[2]) end
-return 1
-"""
-)
-# ARGV: token, ttl ms, journal ('1' or ''), now, then handler, outcome pairs.
-_COMPLETE = (
-    _JOURNAL_LUA
-    + """
-if ARGV[3] == '1' then journal_update('handled', ARGV[4], 5) end
-local state = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], 'done', 'PX', ARGV[2])
-redis.call('DEL', KEYS[2])
-if state == 'claim:' .. ARGV[1] or state == 'done' then return 1 end
-return 0
-"""
-)
-# ARGV: token, journal ('1' or ''), now, then handler, outcome pairs.
-_RELEASE = (
-    _JOURNAL_LUA
-    + """
-if redis.call('GET', KEYS[1]) ~= 'claim:' .. ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if ARGV[2] == '1' then journal_update('failed', ARGV[3], 4) end
-return 1
-"""
-)
-# ARGV: now, retention ms, then the new entry's fields.
-_IGNORE = (
-    _JOURNAL_LUA
-    + """
-return journal_delivery('ignored', ARGV[1], ARGV[2], 3)
-"""
-)
-# A claim whose client timed out: release it if it ran, else make sure it takes nothing
-# when it runs. ARGV: token, how long to remember it (ms).
-_GIVE_UP = """
-if redis.call('GET', KEYS[1]) == 'claim:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('PEXPIRE', KEYS[4], ARGV[2])
-return 0
-"""
-
 #: Short, so that an unreachable Redis is answered 503 in about a second, not a minute.
 DEFAULT_SOCKET_TIMEOUT = 1.0
-#: Expired entries dropped from the global indexes per journal write, at most.
-_PURGE_LIMIT = 20
-#: Claims given up after a timeout waiting to be sent (beyond that, their lease ends them).
-_GIVE_UP_QUEUE = 1000
+#: The journal's bodies, in bytes, past which new entries are kept without their body.
+DEFAULT_MAX_JOURNAL_BYTES = 256 * 1024 * 1024
+#: States a waiter resolves on (awaiting.SETTLED_STATES); journal_settled reports these.
+_SETTLED = frozenset({"handled", "failed", "ignored", "resolved"})
 
 
 class RedisStore:
@@ -181,7 +79,8 @@ class RedisStore:
     store talks through a twin that does not, since journal bodies are bytes). Keys are
     ``prefix`` + ``{event key}`` (and ``prefix`` + ``journal...`` for the journal's indexes)
     and expire by themselves: journal entries ``retention`` after their last change. The
-    newest ``max_refusals`` refusals are kept.
+    journal's bodies take at most ``max_journal_bytes`` (``None``: no bound); the newest
+    ``max_refusals`` refusals are kept.
     """
 
     blocking = True
@@ -193,7 +92,10 @@ class RedisStore:
         prefix: str = "flymy:",
         socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
         max_refusals: int = 1000,
+        max_journal_bytes: int | None = DEFAULT_MAX_JOURNAL_BYTES,
     ) -> None:
+        if max_journal_bytes is not None and max_journal_bytes < 0:
+            raise ValueError("max_journal_bytes must be at least 0 (or None: no bound)")
         try:
             import redis
             from redis.backoff import NoBackoff
@@ -233,22 +135,37 @@ class RedisStore:
         self.max_refusals = max_refusals
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._timeouts: tuple[type[BaseException], ...] = (redis.TimeoutError, TimeoutError)
-        self._claim = client.register_script(_CLAIM)
-        self._mark = client.register_script(_MARK)
-        self._complete = client.register_script(_COMPLETE)
-        self._release = client.register_script(_RELEASE)
-        self._ignore = client.register_script(_IGNORE)
-        self._give_up = client.register_script(_GIVE_UP)
-        self._list_key = f"{prefix}journal"
-        self._expiry_key = f"{prefix}journal:expiry"
+        self._budget = 0 if max_journal_bytes is None else max(1, max_journal_bytes)
+        self.max_journal_bytes = max_journal_bytes
+        self._claim = client.register_script(scripts.CLAIM)
+        self._mark = client.register_script(scripts.MARK)
+        self._complete = client.register_script(scripts.COMPLETE)
+        self._release = client.register_script(scripts.RELEASE)
+        self._ignore = client.register_script(scripts.IGNORE)
+        self._resolve = client.register_script(scripts.RESOLVE)
+        self._claim_handler = client.register_script(scripts.CLAIM_HANDLER)
+        self._finish_handler = client.register_script(scripts.FINISH_HANDLER)
+        self._give_up = client.register_script(scripts.GIVE_UP)
+        self._forget = client.register_script(scripts.FORGET)
+        self._root = f"{prefix}journal"
         self._refusals_key = f"{prefix}journal:refusals"
-        self._given_up: queue.Queue[tuple[str, str, float, float]] | None = None
-        self._given_up_pid = 0
-        self._given_up_lock = threading.Lock()
+        #: The channel waiters subscribe to; the scripts publish on it (see notifier()).
+        self.channel = f"{prefix}awaiting"
+        self._give_ups = GiveUps(
+            lambda key, token, lease: self._run(self._give_up, key, [token, _ms(lease)])
+        )
 
     def __repr__(self) -> str:
         # Never the URL: it may carry a password.
         return f"RedisStore(prefix={self.prefix!r})"
+
+    def notifier(self) -> Any:
+        """How waiters in other processes hear of ended deliveries: a subscription to
+        :attr:`channel`. Publishing is the scripts' job (in the same call that settles the
+        entry), so the notifier's own ``publish`` costs nothing."""
+        from .redis_notifier import ScriptedRedisNotifier
+
+        return ScriptedRedisNotifier(self.client, self.channel)
 
     # -- the store contract -------------------------------------------------------------
 
@@ -265,14 +182,14 @@ class RedisStore:
         journal ``entry`` in the same script."""
         token = secrets.token_hex(8)
         reply = self._claim_with(key, lease, token, entry, replay=replay, force=force)
-        state, handlers, pttl = _text(reply[0]), reply[1], reply[2]
-        if len(reply) > 3 and reply[3]:  # the journal entry was written: index it
-            self._index(key, reply[3], lease)
+        state, handlers, pttl = text(reply[0]), reply[1], reply[2]
+        prior = text(reply[3]) if len(reply) > 3 and reply[3] else ""
         if state == "done":
-            return Claim(ClaimState.DONE)
+            return Claim(ClaimState.DONE, prior_state=prior)
         if state == "busy":
-            return Claim(ClaimState.BUSY, retry_after=max(int(pttl), 0) / 1000)
-        return Claim(ClaimState.ACQUIRED, token, frozenset(_text(h) for h in handlers))
+            return Claim(ClaimState.BUSY, retry_after=max(int(pttl), 0) / 1000, prior_state=prior)
+        done = frozenset(text(h) for h in handlers)
+        return Claim(ClaimState.ACQUIRED, token, done, prior_state=prior)
 
     def _claim_with(
         self,
@@ -286,36 +203,43 @@ class RedisStore:
     ) -> Any:
         """Run the claim script with ``token``; on a timeout, give the claim up."""
         mode = "entry" if entry is not None else "replay" if replay else ""
-        args: list[Any] = [token, _ms(lease), "1" if force else "", mode, repr(time.time())]
+        args: list[Any] = [_now(), self.channel, token, _ms(lease)]
+        args += ["1" if force else "", mode]
         if entry is not None:
-            args += [_ms(entry.retention), *_entry_fields(entry)]
-        else:
-            args.append(0)
+            args += entry_args(entry, self._budget)
         try:
             return self._claim(keys=self._keys(key), args=args)
         except self._timeouts as exc:
             # The script may still run once the server answers again: see _give_up_later.
             self._give_up_later(key, token, lease)
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
 
     def mark_handler_done(
         self, key: str, token: str, handler: str, ttl: float, outcome: HandlerOutcome | None = None
     ) -> None:
         """Remember that ``handler`` succeeded for ``key`` for ``ttl`` seconds."""
-        args: list[Any] = [handler, _ms(ttl)]
+        args: list[Any] = [_now(), self.channel, handler, _ms(ttl)]
         if outcome is not None:
-            args += ["1", repr(time.time()), handler, _outcome_json(outcome)]
+            args += ["1", orjson.dumps(outcome.to_dict())]
         self._run(self._mark, key, args)
 
     def complete(
-        self, key: str, token: str, ttl: float, outcomes: Mapping[str, HandlerOutcome] | None = None
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        outcomes: Mapping[str, HandlerOutcome] | None = None,
+        attempt: Attempt | None = None,
     ) -> None:
-        """Remember ``key`` as done for ``ttl`` seconds, whoever holds the claim now."""
-        args: list[Any] = [token, _ms(ttl)]
-        if outcomes is not None:
-            args += ["1", repr(time.time()), *_outcome_pairs(outcomes)]
+        """Remember ``key`` as done for ``ttl`` seconds, whoever holds the claim now; the
+        entry becomes ``handled`` (``queued`` while a deferred handler waits for its run)."""
+        journal = outcomes is not None or attempt is not None
+        queued = any(o.deferred and o.state == "queued" for o in (outcomes or {}).values())
+        args: list[Any] = [_now(), self.channel, token, _ms(ttl)]
+        args += ["1" if journal else "", "queued" if queued else "handled"]
+        args += [attempt_json(attempt), *outcome_pairs(outcomes or {})]
         if not self._run(self._complete, key, args):
             logger.warning(
                 "the claim on %s expired before its handlers finished: another worker may "
@@ -324,38 +248,48 @@ class RedisStore:
             )
 
     def release(
-        self, key: str, token: str, outcomes: Mapping[str, HandlerOutcome] | None = None
+        self,
+        key: str,
+        token: str,
+        outcomes: Mapping[str, HandlerOutcome] | None = None,
+        attempt: Attempt | None = None,
     ) -> None:
-        """Drop the claim held with ``token``; keep the per-handler records."""
-        args: list[Any] = [token]
-        if outcomes is not None:
-            args += ["1", repr(time.time()), *_outcome_pairs(outcomes)]
+        """Drop the claim held with ``token``; keep the per-handler records. The entry
+        becomes ``failed`` (only while ``token`` held the claim)."""
+        journal = outcomes is not None or attempt is not None
+        args: list[Any] = [_now(), self.channel, token, "1" if journal else ""]
+        args += [attempt_json(attempt), *outcome_pairs(outcomes or {})]
         self._run(self._release, key, args)
 
     # -- the journal --------------------------------------------------------------------
 
-    def journal_ignore(self, entry: NewEntry) -> None:
-        """Record an authentic event that no handler wanted."""
-        args = [repr(time.time()), _ms(entry.retention), *_entry_fields(entry)]
-        written = self._run(self._ignore, entry.key, args)
-        if written:
-            self._index(entry.key, written, 0.0)
+    def journal_ignore(self, entry: NewEntry, attempt: Attempt | None = None) -> None:
+        """Record an authentic event that no handler wanted; an existing entry keeps its
+        state and body."""
+        args: list[Any] = [_now(), self.channel, attempt_json(attempt)]
+        self._run(self._ignore, entry.key, args + entry_args(entry, self._budget))
+
+    def journal_resolve(self, key: str, note: str) -> bool:
+        """Make the entry ``resolved`` with ``note``; False when there is no such entry."""
+        args: list[Any] = [_now(), self.channel, note]
+        return bool(self._run(self._resolve, key, args))
 
     def journal_get(self, key_or_run_id: str) -> JournalEntry | None:
         """The entry with this key, else the newest entry for this run id."""
+        now = time.time()
         try:
-            fields: Any = self._redis.hgetall(self._keys(key_or_run_id)[2])
-            if fields:
-                return _entry(key_or_run_id, fields)
-            run_key = self._run_key(key_or_run_id)
-            keys = [_text(m) for m in self._redis.zrevrange(run_key, 0, 49)]
-            found = self._entries(keys)
+            found = self._full_entries([key_or_run_id], now)[0]
+            if found is not None:
+                return found
+            run_index = f"{self._root}:run:{digest(key_or_run_id)}"
+            keys = [text(m) for m in self._redis.zrevrange(run_index, 0, 49)]
+            run_id = key_or_run_id.encode("utf-8", "surrogatepass")
+            for key, fields in zip(keys, self._hashes(keys), strict=True):
+                if fields and fields.get(b"run_id") == run_id:
+                    return self._full_entries([key], now)[0]
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
-        gone = [key for key, entry in zip(keys, found, strict=True) if entry is None]
-        if gone:
-            self._forget(run_key, gone)
-        return next((entry for entry in found if entry is not None), None)
+            raise _unavailable(exc) from None
+        return None
 
     def journal_list(
         self,
@@ -363,42 +297,126 @@ class RedisStore:
         state: str | None = None,
         event: str | None = None,
         agent_id: str | None = None,
+        run_id: str | None = None,
         since: datetime | None = None,
+        until: datetime | None = None,
+        before: str | None = None,
         limit: int = 100,
     ) -> list[JournalEntry]:
-        """Entries newest first, filtered (the filters are applied while paging through the
-        index by arrival)."""
-        low: Any = since.timestamp() if since is not None else "-inf"
-        page = max(100, min(limit, 1000))
+        """Summaries newest first, filtered: the most selective filter picks the index that
+        is walked (run id, agent, event, state, else arrival), the others are checked on
+        the summaries read; no body is read."""
+        if limit < 1:
+            return []
+        root = self._root
+        if run_id is not None:
+            indexes = [f"{root}:run:{digest(run_id)}"]
+        elif agent_id is not None:
+            indexes = [f"{root}:agent:{digest(agent_id)}"]
+        elif event is not None:
+            indexes = [f"{root}:event:{digest(event)}"]
+        elif state == "failed":
+            indexes = [f"{root}:state:failed", f"{root}:state:pending"]
+        elif state in ("stalled", "pending"):
+            indexes = [f"{root}:state:pending"]
+        elif state is not None:
+            indexes = [f"{root}:state:{state}"]
+        else:
+            indexes = [root]
+        high = f"({until.timestamp()!r}" if until is not None else "+inf"
+        low = repr(since.timestamp()) if since is not None else "-inf"
+        now = time.time()
+
+        def wanted(entry: JournalEntry) -> bool:
+            if state == "failed":
+                state_ok = entry.state in FAILURE_STATES
+            else:
+                state_ok = state is None or entry.state == state
+            return (
+                state_ok
+                and (event is None or entry.event == event)
+                and (agent_id is None or entry.agent_id == agent_id)
+                and (run_id is None or entry.run_id == run_id)
+            )
+
         found: list[JournalEntry] = []
-        seen: set[str] = set()
-        offset = 0
-        while len(found) < limit:
-            try:
-                members = self._redis.zrevrangebyscore(
-                    self._list_key, "+inf", low, start=offset, num=page
-                )
-                keys = [_text(m) for m in members]
-                entries = self._entries(keys)
-            except self._errors as exc:
-                raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
-            gone = [key for key, entry in zip(keys, entries, strict=True) if entry is None]
-            for entry in entries:
-                if entry is None or entry.key in seen:
-                    continue
-                seen.add(entry.key)
-                if (
-                    (state is None or entry.state == state)
-                    and (event is None or entry.event == event)
-                    and (agent_id is None or entry.agent_id == agent_id)
-                ):
-                    found.append(entry)
-            if gone:
-                self._forget(None, gone)
-            offset += len(keys) - len(gone)
-            if len(keys) < page:
-                break
-        return found[:limit]
+        try:
+            after = self._cursor(before) if before is not None else None
+            if before is not None and after is None:
+                return []  # the cursor's entry is gone: nothing sorts before it any more
+            walk = newest_first(self._redis, indexes, high, low, after)
+            while len(found) < limit:
+                batch = [key for _, key in _take(walk, max(20, limit - len(found)))]
+                if not batch:
+                    break
+                for entry in self._summaries(batch, now):
+                    if entry is not None and wanted(entry) and len(found) < limit:
+                        found.append(entry)
+        except self._errors as exc:
+            raise _unavailable(exc) from None
+        return found
+
+    def journal_settled(self, run_ids: Sequence[str]) -> dict[str, JournalEntry]:
+        """For each run id, its newest entry whose handlers have finished (not ``pending``,
+        ``stalled`` nor ``queued``), with its body; others left out."""
+        now = time.time()
+        settled: dict[str, JournalEntry] = {}
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for run_id in run_ids:
+                pipe.zrevrange(f"{self._root}:run:{digest(run_id)}", 0, 9)
+            candidates = [[text(m) for m in members] for members in pipe.execute()]
+            keys = [key for group in candidates for key in group]
+            summaries = dict(zip(keys, self._summaries(keys, now), strict=True))
+            chosen: dict[str, str] = {}
+            for run_id, group in zip(run_ids, candidates, strict=True):
+                for key in group:
+                    entry = summaries.get(key)
+                    if entry is not None and entry.run_id == run_id and entry.state in _SETTLED:
+                        chosen[run_id] = key
+                        break
+            full = self._full_entries(list(chosen.values()), now)
+        except self._errors as exc:
+            raise _unavailable(exc) from None
+        for (run_id, _), entry in zip(chosen.items(), full, strict=True):
+            if entry is not None:
+                settled[run_id] = entry
+        return settled
+
+    # -- deferred handlers --------------------------------------------------------------
+
+    def claim_handler(self, key: str, handler: str, lease: float) -> Claim:
+        """Take one deferred handler's own lease (``Claim.body`` holds the stored body)."""
+        token = secrets.token_hex(8)
+        args: list[Any] = [_now(), self.channel, handler, token, _ms(lease)]
+        reply = self._run(self._claim_handler, key, args)
+        state = text(reply[0])
+        if state == "missing":
+            raise KeyError(key)
+        prior = text(reply[2]) if reply[2] else ""
+        if state == "done":
+            return Claim(ClaimState.DONE, prior_state=prior)
+        if state == "busy":
+            return Claim(ClaimState.BUSY, retry_after=int(reply[1]) / 1000, prior_state=prior)
+        body = bytes(reply[3]) if len(reply) > 3 and reply[3] is not None else None
+        return Claim(ClaimState.ACQUIRED, token, body=body, prior_state=prior)
+
+    def finish_handler(
+        self,
+        key: str,
+        handler: str,
+        token: str,
+        outcome: HandlerOutcome,
+        attempt: Attempt,
+        final: bool,
+        ttl: float,
+    ) -> None:
+        """Record a deferred handler's run (see the store contract); wakes the run's
+        waiters when the entry becomes ``handled`` or ``failed``."""
+        args: list[Any] = [_now(), self.channel, handler, token]
+        args += [orjson.dumps(outcome.to_dict()), "1" if outcome.ok else ""]
+        args += [attempt_json(attempt), "1" if final else "", _ms(ttl)]
+        self._run(self._finish_handler, key, args)
 
     def record_refusal(self, refusal: Refusal) -> None:
         """Keep one refused delivery; only the newest ``max_refusals`` are kept."""
@@ -416,7 +434,7 @@ class RedisStore:
             pipe.ltrim(self._refusals_key, 0, self.max_refusals - 1)
             pipe.execute()
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
 
     def refusals(self, limit: int = 100) -> list[Refusal]:
         """Refused deliveries, newest first."""
@@ -425,7 +443,7 @@ class RedisStore:
         try:
             records = self._redis.lrange(self._refusals_key, 0, limit - 1)
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
         refusals = []
         for record in records:
             data = orjson.loads(record)
@@ -439,133 +457,94 @@ class RedisStore:
             )
         return refusals
 
-    # -- the journal's indexes ----------------------------------------------------------
+    # -- reading entries ----------------------------------------------------------------
 
-    def _index(self, key: str, written: Any, lease: float) -> None:
-        """List the entry (second command, see the module docstring) and drop from the
-        indexes a bounded number of entries that have expired. Never raises: the entry is
-        written, and is listed again with its next delivery.
-
-        ``written`` is the entry's arrival, run id and retention (ms); it is indexed for
-        its retention plus ``lease``, the time its claim may take to be completed or
-        released (the step that changes it last, unless it is replayed, which indexes it
-        again)."""
-        received_at = float(written[0])
-        run_id = _text(written[1]) if written[1] is not None else None
-        life = int(written[2]) / 1000 + lease
-        now = time.time()
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.zadd(self._list_key, {key: received_at})
-            pipe.zadd(self._expiry_key, {key: now + life})
-            if run_id is not None:
-                run_key = self._run_key(run_id)
-                pipe.zadd(run_key, {key: received_at})
-                pipe.pexpire(run_key, _ms(life))
-            pipe.zrangebyscore(self._expiry_key, "-inf", now, start=0, num=_PURGE_LIMIT)
-            expired = pipe.execute()[-1]
-            if expired:
-                self._purge([_text(m) for m in expired], now)
-        except self._errors as exc:
-            logger.warning("could not index journal entry %s: %r", key[:200], exc)
-
-    def _purge(self, keys: list[str], now: float) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.pttl(self._keys(key)[2])
-        ttls = pipe.execute()
-        gone = [key for key, ttl in zip(keys, ttls, strict=True) if int(ttl) < 0]
-        alive = {
-            key: now + int(ttl) / 1000 for key, ttl in zip(keys, ttls, strict=True) if int(ttl) >= 0
-        }
-        pipe = self._redis.pipeline(transaction=False)
-        if gone:
-            pipe.zrem(self._list_key, *gone)
-            pipe.zrem(self._expiry_key, *gone)
-        if alive:  # changed since it was indexed: look again when it ends
-            pipe.zadd(self._expiry_key, alive)
-        pipe.execute()
-
-    def _forget(self, run_key: str | None, keys: list[str]) -> None:
-        """Drop entries found expired while reading (best effort)."""
-        try:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.zrem(self._list_key, *keys)
-            pipe.zrem(self._expiry_key, *keys)
-            if run_key is not None:
-                pipe.zrem(run_key, *keys)
-            pipe.execute()
-        except self._errors as exc:
-            logger.debug("could not drop expired journal entries: %r", exc)
-
-    def _entries(self, keys: list[str]) -> list[JournalEntry | None]:
+    def _hashes(self, keys: list[str]) -> list[Any]:
         if not keys:
             return []
         pipe = self._redis.pipeline(transaction=False)
         for key in keys:
             pipe.hgetall(self._keys(key)[2])
+        return list(pipe.execute())
+
+    def _summaries(self, keys: list[str], now: float) -> list[JournalEntry | None]:
+        """Entries without body or history, in one round trip; gone ones are unindexed."""
+        hashes = self._hashes(keys)
+        self._repair([key for key, fields in zip(keys, hashes, strict=True) if not fields])
         return [
-            _entry(key, fields) if fields else None
-            for key, fields in zip(keys, pipe.execute(), strict=True)
+            entry_from(key, fields, now) if fields else None
+            for key, fields in zip(keys, hashes, strict=True)
         ]
 
-    # -- claims given up after a timeout -------------------------------------------------
+    def _full_entries(self, keys: list[str], now: float) -> list[JournalEntry | None]:
+        """Entries with body and history, in one round trip."""
+        if not keys:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            names = self._keys(key)
+            pipe.hgetall(names[2])
+            pipe.get(names[4])
+            pipe.lrange(names[5], 0, -1)
+        replies = pipe.execute()
+        entries: list[JournalEntry | None] = []
+        for i, key in enumerate(keys):
+            fields, body, history = replies[3 * i : 3 * i + 3]
+            entry = None
+            if fields:
+                entry = entry_from(key, fields, now, body=body, history=history)
+            entries.append(entry)
+        return entries
+
+    def _cursor(self, before: str) -> tuple[float, str] | None:
+        """The keyset position of the entry ``before``."""
+        score = self._redis.zscore(self._root, before)
+        if score is None:
+            received = self._redis.hget(self._keys(before)[2], "received_at")
+            if received is None:
+                return None
+            score = float(received)
+        return (float(score), before)
+
+    def _repair(self, keys: list[str]) -> None:
+        """Unindex entries found expired while reading (best effort: the next journal
+        write's purge does it too)."""
+        if not keys:
+            return
+        try:
+            self._forget(keys=[self._root], args=keys)
+        except self._errors as exc:
+            logger.debug("could not unindex expired journal entries: %r", exc)
+
+    # -- claims given up after a timeout (see redis_give_up) ----------------------------
 
     def _give_up_later(self, key: str, token: str, lease: float) -> None:
-        """Queue the release of a claim whose reply never came (sent from one thread)."""
-        with self._given_up_lock:
-            if self._given_up is None or self._given_up_pid != os.getpid():
-                self._given_up = queue.Queue(_GIVE_UP_QUEUE)
-                self._given_up_pid = os.getpid()
-                threading.Thread(
-                    target=self._give_up_loop,
-                    args=(self._given_up,),
-                    name="flymy-redis-give-up",
-                    daemon=True,
-                ).start()
-            pending = self._given_up
-        try:
-            pending.put_nowait((key, token, lease, time.monotonic() + lease))
-        except queue.Full:  # the lease will end it
-            logger.debug("too many claims to give up; %s waits for its lease", key[:200])
-
-    def _give_up_loop(self, pending: queue.Queue[tuple[str, str, float, float]]) -> None:
-        while True:
-            key, token, lease, deadline = pending.get()
-            while True:
-                try:
-                    self._run(self._give_up, key, [token, _ms(lease)])
-                    break
-                except StoreUnavailable as exc:
-                    if time.monotonic() > deadline:
-                        logger.debug("could not give up the claim on %s: %r", key[:200], exc)
-                        break
-                    time.sleep(0.1)
+        self._give_ups.later(key, token, lease)
 
     def _wait_given_up(self, timeout: float) -> bool:
         """Whether every claim given up so far was sent, waiting up to ``timeout`` (tests)."""
-        deadline = time.monotonic() + timeout
-        while self._given_up is not None and self._given_up.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
-        return True
+        return self._give_ups.wait(timeout)
 
     # -- keys and calls -----------------------------------------------------------------
 
     def _keys(self, key: str) -> list[str]:
         # A shared hash tag keeps every key of an event in one Redis Cluster slot.
         state_key = f"{self.prefix}{{{key}}}"
-        return [state_key, state_key + ":h", state_key + ":j", state_key + ":x"]
-
-    def _run_key(self, run_id: str) -> str:
-        return f"{self.prefix}journal:run:{run_id}"
+        return [
+            state_key,
+            state_key + ":h",
+            state_key + ":j",
+            state_key + ":x",
+            state_key + ":b",
+            state_key + ":a",
+            self._root,
+        ]
 
     def _run(self, script: Any, key: str, args: list[Any]) -> Any:
         try:
             return script(keys=self._keys(key), args=args)
         except self._errors as exc:
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from None
+            raise _unavailable(exc) from None
 
 
 def _binary_client(client: Any, redis: Any) -> Any:
@@ -587,57 +566,31 @@ def _binary_client(client: Any, redis: Any) -> Any:
     )
 
 
-def _entry_fields(entry: NewEntry) -> list[Any]:
-    fields: list[Any] = ["event", entry.event, "body", entry.body]
-    fields += ["headers", orjson.dumps(dict(entry.headers))]
-    for name in ("run_id", "agent_id", "agent_name"):
-        value = getattr(entry, name)
-        if value is not None:
-            fields += [name, value]
-    return fields
+def _take(items: Any, count: int) -> list[Any]:
+    taken = []
+    for item in items:
+        taken.append(item)
+        if len(taken) >= count:
+            break
+    return taken
 
 
-def _outcome_json(outcome: HandlerOutcome) -> bytes:
-    return orjson.dumps(outcome.to_dict())
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    """The error a failed Redis call becomes; on Redis Cluster, with what to do about it."""
+    detail = f"redis: {type(exc).__name__}: {exc}"
+    if type(exc).__name__ == "ClusterCrossSlotError" or "CROSSSLOT" in str(exc):
+        detail += (
+            " (on Redis Cluster every key of the store must share a slot: "
+            "give RedisStore a prefix with a hash tag, e.g. prefix='{flymy}:')"
+        )
+    return StoreUnavailable(detail)
 
 
-def _outcome_pairs(outcomes: Mapping[str, HandlerOutcome]) -> list[Any]:
-    pairs: list[Any] = []
-    for name, outcome in outcomes.items():
-        pairs += [name, _outcome_json(outcome)]
-    return pairs
-
-
-def _entry(key: str, fields: Mapping[bytes, bytes]) -> JournalEntry:
-    def text(name: bytes) -> str | None:
-        value = fields.get(name)
-        return value.decode() if value is not None else None
-
-    handlers = {
-        name[2:].decode(): HandlerOutcome.from_dict(orjson.loads(value))
-        for name, value in fields.items()
-        if name.startswith(b"h:")
-    }
-    headers = fields.get(b"headers")
-    return JournalEntry(
-        key=key,
-        event=text(b"event") or "",
-        run_id=text(b"run_id"),
-        agent_id=text(b"agent_id"),
-        agent_name=text(b"agent_name"),
-        state=text(b"state") or "pending",
-        attempts=int(fields.get(b"attempts") or 0),
-        received_at=to_datetime(float(fields.get(b"received_at") or 0)),
-        updated_at=to_datetime(float(fields.get(b"updated_at") or 0)),
-        body=bytes(fields.get(b"body") or b""),
-        headers=orjson.loads(headers) if headers else {},
-        handlers=handlers,
-    )
+def _now() -> str:
+    """The client's clock for the scripts, in whole microseconds: what a datetime keeps, so
+    that a time read back from an entry is a cursor that finds that entry again."""
+    return repr(round(time.time(), 6))
 
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,15 +1,16 @@
 """An SQLite idempotency store and delivery journal, shared by the worker processes of one
 machine.
 
-The database runs in WAL mode with a busy timeout, and every claim is one ``BEGIN
+The database runs in WAL mode with a busy timeout, and every step is one ``BEGIN
 IMMEDIATE`` transaction, so that of many processes claiming one event at once exactly one
-wins; the journal entry is written in that same transaction, and each handler outcome in the
-transaction that records it. Each thread of each process opens its own connection, and a
-process forked from one that already had a connection (gunicorn forks its workers) opens a
-fresh one. Times are wall-clock seconds, since several processes compare them.
+wins; the journal entry, its history and its handlers' outcomes are written in the
+transaction of the claim, completion or release they go with (a one-handler delivery
+commits twice). Each thread of each process opens its own connection, and a process forked
+from one that already had a connection (gunicorn forks its workers) opens a fresh one.
+Times are wall-clock seconds, since several processes compare them.
 
-Tables are created with ``CREATE TABLE IF NOT EXISTS``: a file written by an older version
-gains the journal's tables and keeps its records.
+The tables, and the migration of a file written by an older version, are in
+:mod:`.sqlite_schema`; the journal's reads and writes in :mod:`.sqlite_journal`.
 """
 
 from __future__ import annotations
@@ -26,100 +27,34 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from ..errors import StoreUnavailable
+from . import sqlite_deferred as deferred
+from . import sqlite_journal as journal
 from .base import Claim, ClaimState
 from .records import (
+    Attempt,
     HandlerOutcome,
     JournalEntry,
     NewEntry,
     Refusal,
-    outcomes_from_json,
     to_datetime,
 )
+from .sqlite_schema import CLAIM_AND_ENTRY, COMPLETE_READ, FULL, prepare
 
 __all__ = ["SQLiteStore"]
 
 logger = logging.getLogger("flymy_receiver")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS flymy_deliveries (
-    key TEXT PRIMARY KEY,
-    token TEXT NOT NULL,
-    done INTEGER NOT NULL,
-    expires REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS flymy_handlers (
-    key TEXT NOT NULL,
-    handler TEXT NOT NULL,
-    expires REAL NOT NULL,
-    PRIMARY KEY (key, handler)
-);
-CREATE INDEX IF NOT EXISTS flymy_deliveries_expires ON flymy_deliveries (expires);
-CREATE INDEX IF NOT EXISTS flymy_handlers_expires ON flymy_handlers (expires);
-CREATE TABLE IF NOT EXISTS flymy_journal (
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,
-    event TEXT NOT NULL,
-    run_id TEXT,
-    agent_id TEXT,
-    agent_name TEXT,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    retention REAL NOT NULL,
-    expires REAL NOT NULL,
-    headers BLOB NOT NULL,
-    handlers BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS flymy_journal_run ON flymy_journal (run_id);
-CREATE TABLE IF NOT EXISTS flymy_journal_bodies (
-    id INTEGER PRIMARY KEY,
-    body BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS flymy_refusals (
-    id INTEGER PRIMARY KEY,
-    at REAL NOT NULL,
-    status INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-"""
-# What a journaled delivery writes is kept to few pages, since in WAL mode every page a
-# transaction changes is appended to the log (and that, not the statements, is what a
-# delivery's store calls cost): ``id`` is the arrival order, so listing needs no index of its
-# own; the body, written once, has a table of its own (SQLite rewrites a whole row, overflow
-# pages included, on every update); the state and the expiry have no index (lists filter as
-# they scan, the purge looks at the oldest rows only).
-
 #: Expired rows are deleted once per this many writes, in the same transaction, at most
-#: ``_PURGE_LIMIT`` per table each time (and the journal's oldest ``_PURGE_SCAN`` rows are
-#: looked at): a write never pays for a long backlog at once.
+#: ``_PURGE_LIMIT`` per table each time (found through the ``expires`` indexes): a write
+#: never pays for a long backlog at once.
 _PURGE_EVERY = 50
 _PURGE_LIMIT = 200
-_PURGE_SCAN = 250
-
-_SELECT_ENTRIES = (
-    "SELECT key, event, run_id, agent_id, agent_name, state, attempts, received_at, "
-    "updated_at, body, headers, handlers "
-    "FROM flymy_journal j JOIN flymy_journal_bodies b ON b.id = j.id "
-)
-
-# The claim's row and the entry's, in one read (either may be missing).
-_CLAIM_AND_ENTRY = (
-    "SELECT d.token, d.done, d.expires, j.expires, j.id FROM (SELECT ? AS key) AS k "
-    "LEFT JOIN flymy_deliveries d ON d.key = k.key LEFT JOIN flymy_journal j ON j.key = k.key"
-)
-# What completing needs: who holds the claim, and the live entry's outcomes.
-_COMPLETE_READ = (
-    "SELECT d.token, d.done, j.handlers FROM (SELECT ? AS key) AS k "
-    "LEFT JOIN flymy_deliveries d ON d.key = k.key "
-    "LEFT JOIN flymy_journal j ON j.key = k.key AND j.expires > ?"
-)
-#: Marks a row not read yet (``None`` is a row read and not found).
-_UNREAD: Any = object()
+#: :meth:`SQLiteStore.purge` deletes this many rows of a table per transaction, so that the
+#: write lock is never held for long whatever the backlog.
+_PURGE_BATCH = 2000
+#: What the waiters of flymy_receiver.awaiting take as a run's end (not pending nor queued).
+_SETTLED = "('handled', 'failed', 'ignored')"
 
 # SQLite's primary result codes for a lock held elsewhere (the only errors worth a retry).
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
@@ -133,6 +68,10 @@ class SQLiteStore:
     before the delivery is answered 503. Do not put the file on a network file system:
     SQLite's locking is only reliable on a local disk. Journal entries are kept for their
     retention after their last change; the newest ``max_refusals`` refusals are kept.
+    ``max_journal_bytes`` (optional) bounds the journal's bodies in all: past it an entry is
+    kept without its body (``body_dropped``), never a claim refused. With ``create=False`` a
+    missing file is an error (:class:`~flymy_receiver.errors.StoreUnavailable`) and nothing
+    is created: for tools that only read.
     """
 
     blocking = True
@@ -143,6 +82,8 @@ class SQLiteStore:
         *,
         timeout: float = 5.0,
         max_refusals: int = 1000,
+        max_journal_bytes: int | None = None,
+        create: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = os.fspath(path)
@@ -152,8 +93,14 @@ class SQLiteStore:
             raise ValueError("timeout must be positive")
         if max_refusals < 1:
             raise ValueError("max_refusals must be at least 1")
+        if max_journal_bytes is not None and max_journal_bytes < 0:
+            raise ValueError("max_journal_bytes must not be negative")
+        if not create and not os.path.isfile(self.path):
+            raise StoreUnavailable(f"sqlite: no database file at {self.path!r} (not creating it)")
         self.timeout = timeout
         self.max_refusals = max_refusals
+        self.max_journal_bytes = max_journal_bytes
+        self.create = create
         self._clock = clock
         self._local = threading.local()
         self._writes = 0
@@ -173,27 +120,28 @@ class SQLiteStore:
         force: bool = False,
     ) -> Claim:
         """Take ``key`` for ``lease`` seconds unless it is done or held by a live claim;
-        journal ``entry`` in the same transaction."""
+        journal ``entry`` (or the replay) in the same transaction."""
         now = self._clock()
         with self._transaction() as db:
-            if entry is not None and entry.key == key:
+            if entry is not None or replay:
                 # One read for both: the claim's row and the entry's.
-                token, done, until, expires, entry_id = db.execute(
-                    _CLAIM_AND_ENTRY, (key,)
+                token, done, until, entry_id, expires, state = db.execute(
+                    CLAIM_AND_ENTRY, (key,)
                 ).fetchone()
                 held = (token, done, until) if until is not None else None
-                found = (expires, entry_id) if entry_id is not None else None
+                found = (entry_id, expires, state) if entry_id is not None else None
+                if entry is not None and entry.key != key:
+                    found = journal.UNREAD
             else:
+                found = None
                 held = db.execute(
                     "SELECT token, done, expires FROM flymy_deliveries WHERE key = ?", (key,)
                 ).fetchone()
-                found = _UNREAD
             claim = self._claim(db, key, lease, now, force, held)
-            acquired = claim.state is ClaimState.ACQUIRED
             if entry is not None:
-                self._journal_delivery(db, entry, now, "pending" if acquired else None, found)
-            elif replay and acquired:
-                self._journal_update(db, key, now, "pending")
+                claim.prior_state = self._journal_delivery(db, entry, claim, now, lease, found)
+            elif replay:
+                claim.prior_state = self._journal_replay(db, key, claim, now, lease, found)
             self._maybe_purge(db, now)
         return claim
 
@@ -221,6 +169,48 @@ class SQLiteStore:
         ).fetchall()
         return Claim(ClaimState.ACQUIRED, token, frozenset(h[0] for h in handlers))
 
+    def _journal_delivery(
+        self,
+        db: sqlite3.Connection,
+        entry: NewEntry,
+        claim: Claim,
+        now: float,
+        lease: float,
+        found: Any,
+    ) -> str:
+        at = journal.wall(now)
+        if claim.state is ClaimState.ACQUIRED:
+            state, attempt, until = "pending", None, now + lease
+        elif claim.state is ClaimState.DONE:
+            state, attempt, until = "handled", Attempt(at, "sender", 200, "duplicate"), 0.0
+        else:
+            state, attempt = "pending", Attempt(at, "sender", 409, "in_flight")
+            until = now + claim.retry_after
+        return journal.deliver(
+            db,
+            entry,
+            now,
+            state,
+            acquired=claim.state is ClaimState.ACQUIRED,
+            attempt=attempt,
+            lease_until=until,
+            found=found,
+            max_bytes=self.max_journal_bytes,
+        )
+
+    @staticmethod
+    def _journal_replay(
+        db: sqlite3.Connection, key: str, claim: Claim, now: float, lease: float, found: Any
+    ) -> str:
+        if found is None or found[1] <= now:
+            return ""
+        if claim.state is ClaimState.ACQUIRED:
+            journal.update(db, key, now, "pending", lease_until=now + lease)
+        elif claim.state is ClaimState.BUSY:
+            busy = Attempt(journal.wall(now), "replay", 409, "in_flight")
+            journal.update(db, key, now, None, attempt=busy)
+        return str(found[2])
+
     def mark_handler_done(
         self, key: str, token: str, handler: str, ttl: float, outcome: HandlerOutcome | None = None
     ) -> None:
@@ -232,15 +222,21 @@ class SQLiteStore:
                 (key, handler, now + ttl),
             )
             if outcome is not None:
-                self._journal_update(db, key, now, None, {handler: outcome})
+                journal.update(db, key, now, None, {handler: outcome})
 
     def complete(
-        self, key: str, token: str, ttl: float, outcomes: Mapping[str, HandlerOutcome] | None = None
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        outcomes: Mapping[str, HandlerOutcome] | None = None,
+        attempt: Attempt | None = None,
     ) -> None:
-        """Remember ``key`` as done for ``ttl`` seconds, whoever holds the claim now."""
+        """Remember ``key`` as done for ``ttl`` seconds, whoever holds the claim now; the
+        entry is ``handled`` (``queued`` while a deferred handler waits for its worker)."""
         now = self._clock()
         with self._transaction() as db:
-            held_by, done, handlers = db.execute(_COMPLETE_READ, (key, now)).fetchone()
+            held_by, done, handlers = db.execute(COMPLETE_READ, (key, now)).fetchone()
             if held_by is None or (held_by != token and not done):
                 _warn_lease_lost(key)
             db.execute(
@@ -249,11 +245,19 @@ class SQLiteStore:
                 (key, now + ttl),
             )
             db.execute("DELETE FROM flymy_handlers WHERE key = ?", (key,))
-            if outcomes is not None:
-                self._journal_update(db, key, now, "handled", outcomes, handlers)
+            if outcomes is not None or attempt is not None:
+                state = None
+                if outcomes is not None:
+                    queued = any(o.deferred and o.state == "queued" for o in outcomes.values())
+                    state = "queued" if queued else "handled"
+                journal.update(db, key, now, state, outcomes, attempt, handlers)
 
     def release(
-        self, key: str, token: str, outcomes: Mapping[str, HandlerOutcome] | None = None
+        self,
+        key: str,
+        token: str,
+        outcomes: Mapping[str, HandlerOutcome] | None = None,
+        attempt: Attempt | None = None,
     ) -> None:
         """Drop the claim held with ``token``; keep the per-handler records."""
         now = self._clock()
@@ -262,47 +266,45 @@ class SQLiteStore:
                 "DELETE FROM flymy_deliveries WHERE key = ? AND token = ? AND done = 0",
                 (key, token),
             ).rowcount
-            if released and outcomes is not None:
-                self._journal_update(db, key, now, "failed", outcomes)
+            if released and (outcomes is not None or attempt is not None):
+                state = "failed" if outcomes is not None else None
+                journal.update(db, key, now, state, outcomes, attempt)
 
     # -- the journal --------------------------------------------------------------------
 
-    def journal_ignore(self, entry: NewEntry) -> None:
-        """Record an authentic event that no handler wanted."""
+    def journal_ignore(self, entry: NewEntry, attempt: Attempt | None = None) -> None:
+        """Record an authentic event that no handler wanted (an existing entry keeps its
+        state and body)."""
         now = self._clock()
         with self._transaction() as db:
-            self._journal_delivery(db, entry, now, "ignored")
+            journal.deliver(
+                db, entry, now, "ignored", attempt=attempt, max_bytes=self.max_journal_bytes
+            )
             self._maybe_purge(db, now)
 
     def journal_get(self, key_or_run_id: str) -> JournalEntry | None:
         """The entry with this key, else the newest entry for this run id."""
-        now = self._clock()
         with self._reading() as db:
-            row = db.execute(
-                _SELECT_ENTRIES + "WHERE key = ? AND expires > ?",
-                (key_or_run_id, now),
-            ).fetchone()
-            if row is None:
-                row = db.execute(
-                    _SELECT_ENTRIES + "WHERE run_id = ? AND expires > ? ORDER BY j.id DESC LIMIT 1",
-                    (key_or_run_id, now),
-                ).fetchone()
-        return _entry(row) if row is not None else None
+            return journal.get(db, key_or_run_id, self._clock())
 
     def journal_settled(self, run_ids: Sequence[str]) -> dict[str, JournalEntry]:
-        """For each run id, its newest entry that is not ``pending``, in one query: how the
-        waiters of :mod:`flymy_receiver.awaiting` poll (at most 500 run ids a call)."""
+        """For each run id, its newest settled entry (handled, failed or ignored: not
+        pending nor queued), in one query: how the waiters of :mod:`flymy_receiver.awaiting`
+        poll (at most 500 run ids a call)."""
         if not run_ids:
             return {}
         marks = ",".join("?" * len(run_ids))
+        now = self._clock()
         with self._reading() as db:
             # Only placeholders are joined in; every run id is a parameter.
             rows = db.execute(
-                _SELECT_ENTRIES + f"WHERE run_id IN ({marks}) AND state != 'pending' "
-                "AND expires > ? ORDER BY j.id",
-                (*run_ids, self._clock()),
+                # Found through the run id's index; the state and expiry are checked on it
+                # (and the few rows sorted here, so that no plan scans for the order).
+                FULL + f"WHERE j.run_id IN ({marks}) AND +j.state IN {_SETTLED} AND +j.expires > ?",
+                (*run_ids, now),
             ).fetchall()
-        return {row[2]: _entry(row) for row in rows}  # oldest first: the newest is kept
+        rows.sort(key=lambda row: (row[7], row[0]))  # oldest first: the newest of a run is kept
+        return {row[2]: journal.entry_from_row(row, now, full=True) for row in rows}
 
     def journal_list(
         self,
@@ -310,25 +312,58 @@ class SQLiteStore:
         state: str | None = None,
         event: str | None = None,
         agent_id: str | None = None,
+        run_id: str | None = None,
         since: datetime | None = None,
+        until: datetime | None = None,
+        before: str | None = None,
         limit: int = 100,
     ) -> list[JournalEntry]:
-        """Entries newest first, filtered."""
-        where: list[str] = ["expires > ?"]
-        args: list[Any] = [self._clock()]
-        for column, value in (("state", state), ("event", event), ("agent_id", agent_id)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if since is not None:
-            where.append("received_at >= ?")
-            args.append(since.timestamp())
-        args.append(max(0, limit))
+        """Summaries newest first, filtered; ``before`` is the previous page's last key."""
+        filters = {"event": event, "agent_id": agent_id, "run_id": run_id}
         with self._reading() as db:
-            # Only the fixed conditions above are joined in; every value is a parameter.
-            query = f"WHERE {' AND '.join(where)} ORDER BY j.id DESC LIMIT ?"
-            rows = db.execute(_SELECT_ENTRIES + query, args).fetchall()
-        return [_entry(row) for row in rows]
+            return journal.list_entries(
+                db,
+                self._clock(),
+                state=state,
+                filters=filters,
+                since=since,
+                until=until,
+                before=before,
+                limit=limit,
+            )
+
+    def journal_resolve(self, key: str, note: str) -> bool:
+        """Make the entry ``resolved`` with ``note``; False when there is no such entry."""
+        now = self._clock()
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE flymy_journal SET state = 'resolved', note = ?, updated_at = ?, "
+                "expires = ? + retention WHERE key = ? AND expires > ?",
+                (note, journal.wall(now), now, key, now),
+            ).rowcount
+        return bool(changed)
+
+    def claim_handler(self, key: str, handler: str, lease: float) -> Claim:
+        """Take one deferred handler's own lease (``Claim.body`` holds the stored body);
+        raises KeyError when the journal has no such entry."""
+        now = self._clock()
+        with self._transaction() as db:
+            return deferred.claim_handler(db, key, handler, lease, now)
+
+    def finish_handler(
+        self,
+        key: str,
+        handler: str,
+        token: str,
+        outcome: HandlerOutcome,
+        attempt: Attempt,
+        final: bool,
+        ttl: float,
+    ) -> None:
+        """Record a deferred handler's run (see :mod:`flymy_receiver.stores.base`)."""
+        now = self._clock()
+        with self._transaction() as db:
+            deferred.finish_handler(db, key, handler, token, outcome, attempt, final, ttl, now)
 
     def record_refusal(self, refusal: Refusal) -> None:
         """Keep one refused delivery; only the newest ``max_refusals`` are kept."""
@@ -351,104 +386,19 @@ class SQLiteStore:
             Refusal(to_datetime(at), status, reason, detail) for at, status, reason, detail in rows
         ]
 
-    def _journal_delivery(
-        self,
-        db: sqlite3.Connection,
-        entry: NewEntry,
-        now: float,
-        state: str | None,
-        row: Any = _UNREAD,
-    ) -> None:
-        """Create the entry (``state`` or pending) or count one more attempt on it; an
-        existing entry takes ``state`` when it is given. ``row`` is the entry's expiry and
-        id as already read (``None``: there is none)."""
-        expires = now + entry.retention
-        if row is _UNREAD:
-            row = db.execute(
-                "SELECT expires, id FROM flymy_journal WHERE key = ?", (entry.key,)
-            ).fetchone()
-        if row is not None and row[0] > now:
-            db.execute(
-                "UPDATE flymy_journal SET attempts = attempts + 1, updated_at = ?, retention = ?, "
-                "expires = ?, state = coalesce(?, state) WHERE key = ?",
-                (now, entry.retention, expires, state, entry.key),
-            )
-            return
-        if row is not None:  # expired, not purged yet: a fresh entry, arrived now
-            db.execute("DELETE FROM flymy_journal_bodies WHERE id = ?", (row[1],))
-            db.execute("DELETE FROM flymy_journal WHERE id = ?", (row[1],))
-        cursor = db.execute(
-            "INSERT INTO flymy_journal (key, event, run_id, agent_id, agent_name, state, "
-            "attempts, received_at, updated_at, retention, expires, headers, handlers) "
-            "VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
-            (
-                entry.key,
-                entry.event,
-                entry.run_id,
-                entry.agent_id,
-                entry.agent_name,
-                state or "pending",
-                now,
-                now,
-                entry.retention,
-                expires,
-                orjson.dumps(dict(entry.headers)),
-                b"{}",
-            ),
-        )
-        db.execute(
-            "INSERT INTO flymy_journal_bodies (id, body) VALUES (?, ?)",
-            (cursor.lastrowid, entry.body),
-        )
-
-    @staticmethod
-    def _journal_update(
-        db: sqlite3.Connection,
-        key: str,
-        now: float,
-        state: str | None,
-        outcomes: Mapping[str, HandlerOutcome] | None = None,
-        stored: Any = _UNREAD,
-    ) -> None:
-        """Set the state and merge in handler outcomes; an entry gone or expired stays so.
-        ``stored`` is the entry's outcomes as already read (``None``: no live entry)."""
-        if not outcomes:
-            db.execute(
-                "UPDATE flymy_journal SET state = coalesce(?, state), updated_at = ?, "
-                "expires = ? + retention WHERE key = ? AND expires > ?",
-                (state, now, now, key, now),
-            )
-            return
-        if stored is _UNREAD:
-            row = db.execute(
-                "SELECT handlers FROM flymy_journal WHERE key = ? AND expires > ?", (key, now)
-            ).fetchone()
-            stored = row[0] if row is not None else None
-        if stored is None:
-            return
-        merged = orjson.loads(stored) if stored else {}  # as stored: no objects to build
-        merged.update((name, outcome.to_dict()) for name, outcome in outcomes.items())
-        db.execute(
-            "UPDATE flymy_journal SET state = coalesce(?, state), handlers = ?, updated_at = ?, "
-            "expires = ? + retention WHERE key = ?",
-            (state, orjson.dumps(merged), now, now, key),
-        )
-
     # -- housekeeping -------------------------------------------------------------------
 
     def purge(self) -> int:
-        """Delete every expired record now (one transaction); returns how many rows went."""
-        now = self._clock()
-        with self._transaction() as db:
-            gone = db.execute("DELETE FROM flymy_deliveries WHERE expires <= ?", (now,)).rowcount
-            gone += db.execute("DELETE FROM flymy_handlers WHERE expires <= ?", (now,)).rowcount
-            gone += db.execute(
-                "DELETE FROM flymy_journal_bodies WHERE id IN "
-                "(SELECT id FROM flymy_journal WHERE expires <= ?)",
-                (now,),
-            ).rowcount
-            db.execute("DELETE FROM flymy_journal WHERE expires <= ?", (now,))
-        return int(gone)
+        """Delete every expired record now, in transactions of at most ``_PURGE_BATCH``
+        rows of a table each (other processes write in between); returns how many rows
+        went."""
+        total = 0
+        while True:
+            with self._transaction() as db:
+                gone = self._purge(db, self._clock(), _PURGE_BATCH)
+            total += gone
+            if gone == 0:
+                return total
 
     def close(self) -> None:
         """Close this thread's connection (others close when their thread ends)."""
@@ -460,12 +410,12 @@ class SQLiteStore:
     def _maybe_purge(self, db: sqlite3.Connection, now: float) -> None:
         self._writes += 1
         if self._writes % _PURGE_EVERY == 0:
-            self._purge(db, now)
+            self._purge(db, now, _PURGE_LIMIT)
 
     @staticmethod
-    def _purge(db: sqlite3.Connection, now: float) -> int:
-        """Delete up to ``_PURGE_LIMIT`` expired rows of each table."""
-        args = (now, _PURGE_LIMIT)
+    def _purge(db: sqlite3.Connection, now: float, limit: int) -> int:
+        """Delete up to ``limit`` expired rows of each table (through their expiry index)."""
+        args = (now, limit)
         gone = db.execute(
             "DELETE FROM flymy_deliveries WHERE rowid IN "
             "(SELECT rowid FROM flymy_deliveries WHERE expires <= ? LIMIT ?)",
@@ -476,15 +426,8 @@ class SQLiteStore:
             "(SELECT rowid FROM flymy_handlers WHERE expires <= ? LIMIT ?)",
             args,
         ).rowcount
-        ids = db.execute(
-            "SELECT id FROM (SELECT id, expires FROM flymy_journal ORDER BY id LIMIT ?) "
-            "WHERE expires <= ? LIMIT ?",
-            (_PURGE_SCAN, now, _PURGE_LIMIT),
-        ).fetchall()
-        if ids:
-            db.executemany("DELETE FROM flymy_journal_bodies WHERE id = ?", ids)
-            db.executemany("DELETE FROM flymy_journal WHERE id = ?", ids)
-            gone += len(ids)
+        ids = db.execute("SELECT id FROM flymy_journal WHERE expires <= ? LIMIT ?", args)
+        gone += journal.delete(db, [row[0] for row in ids.fetchall()])
         return int(gone)
 
     @contextmanager
@@ -520,8 +463,14 @@ class SQLiteStore:
         # A connection inherited through fork must not be used (nor closed) by the child.
         if conn is not None and self._local.pid == pid:
             return conn
+        # Without ``create``, "rw" mode: a file removed meanwhile is an error, never remade.
+        target = self.path if self.create else Path(self.path).absolute().as_uri() + "?mode=rw"
         conn = sqlite3.connect(
-            self.path, timeout=self.timeout, isolation_level=None, check_same_thread=True
+            target,
+            timeout=self.timeout,
+            isolation_level=None,
+            check_same_thread=True,
+            uri=not self.create,
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
@@ -529,7 +478,7 @@ class SQLiteStore:
             # NORMAL is durable in WAL mode except across a power cut; losing the last
             # records then only means a redelivery runs its handlers again.
             conn.execute("PRAGMA synchronous = NORMAL")
-            conn.executescript(_SCHEMA)
+            prepare(conn, self.create)
         except BaseException:
             conn.close()
             raise
@@ -564,25 +513,6 @@ def _is_lock_error(exc: sqlite3.Error) -> bool:
         return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
     message = str(exc).lower()
     return "locked" in message or "busy" in message
-
-
-def _entry(row: Any) -> JournalEntry:
-    key, event, run_id, agent_id, agent_name, state, attempts, received, updated = row[:9]
-    body, headers, handlers = row[9:]
-    return JournalEntry(
-        key=key,
-        event=event,
-        run_id=run_id,
-        agent_id=agent_id,
-        agent_name=agent_name,
-        state=state,
-        attempts=int(attempts),
-        received_at=to_datetime(received),
-        updated_at=to_datetime(updated),
-        body=bytes(body),
-        headers=orjson.loads(headers) if headers else {},
-        handlers=outcomes_from_json(handlers),
-    )
 
 
 def _rollback(db: sqlite3.Connection) -> None:

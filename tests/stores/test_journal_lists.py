@@ -191,12 +191,14 @@ def test_a_pending_entry_whose_lease_ended_is_stalled_and_listed_as_failed(
     store = store_of(backend)
     dead, alive, broken = backend.key(), backend.key(), backend.key()
     store.claim(dead, LEASE, new_entry(dead))  # its worker dies: no complete, no release
+    backend.advance(0.01)
     _failed(store, broken)
     backend.advance(LEASE)
     store.claim(alive, 60, new_entry(alive))
     assert get(store, dead).state == "stalled"
     assert get(store, alive).state == "pending"
     failures = {e.key: e.state for e in store.journal_list(state="failed", limit=1000)}
+    assert [key for key in failures if key in (dead, broken)] == [broken, dead]  # newest first
     assert failures.get(dead) == "stalled"
     assert failures.get(broken) == "failed"
     assert alive not in failures

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
 from flymy_receiver.errors import StoreUnavailable
 from flymy_receiver.stores import ClaimState, RedisStore, store_from_url
-from flymy_receiver.stores.records import HandlerOutcome, NewEntry, Refusal
-from flymy_receiver.stores.redis import _PURGE_LIMIT
+from flymy_receiver.stores.records import Attempt, HandlerOutcome, NewEntry, Refusal
+from flymy_receiver.stores.redis_scripts import PURGE_LIMIT as _PURGE_LIMIT
 from tests.servers import free_port
 from tests.stores.redis_server import RedisServer, running_redis
 
@@ -107,13 +108,30 @@ def test_an_events_keys_share_one_cluster_slot(
     store = RedisStore(redis_url, prefix="t:")
     claim = store.claim(key, 30, _new_entry(key))
     store.mark_handler_done(key, claim.token, "app.h", 60, HandlerOutcome(ok=True))
-    store.release(key, claim.token, {"app.h": HandlerOutcome(ok=True)})
+    attempt = Attempt(time.time(), "sender", 500, "failed")
+    store.release(key, claim.token, {"app.h": HandlerOutcome(ok=True)}, attempt)
     raw = redis_server.client()
-    global_keys = {b"t:journal", b"t:journal:expiry", b"t:journal:run:run_1"}
-    event_keys = set(raw.keys("t:*")) - global_keys
-    assert len(event_keys) == 2  # the entry and the handlers done; the claim was released
+    event_keys = {k for k in raw.keys("t:*") if not k.startswith(b"t:journal")}
+    # the entry, its body, its history and the handlers done; the claim was released
+    assert len(event_keys) == 4
     assert len({key_slot(k) for k in event_keys}) == 1
-    assert set(raw.keys("t:*")) >= global_keys
+
+
+def test_a_prefix_with_a_hash_tag_puts_every_key_in_one_slot(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """What Redis Cluster needs: the scripts write an event's keys and the indexes at once."""
+    from redis.crc import key_slot
+
+    store = RedisStore(redis_url, prefix="{t}:")
+    for key in ("run.completed:run_1", "run.failed:{x}"):
+        claim = store.claim(key, 30, _new_entry(key))
+        store.complete(key, claim.token, 60, {"app.h": HandlerOutcome(ok=True)})
+    store.journal_ignore(_new_entry("run.started:run_1"))
+    raw = redis_server.client()
+    names = set(raw.keys("*"))
+    assert len(names) > 10
+    assert {key_slot(k) for k in names} == {key_slot(b"{t}")}
 
 
 def test_a_claim_given_up_before_it_ran_takes_nothing(redis_url: str) -> None:
@@ -158,8 +176,8 @@ def test_expired_entries_leave_the_indexes_a_bounded_number_per_write(
     store = RedisStore(redis_url)
     backlog = 3 * _PURGE_LIMIT
     for i in range(backlog):
-        store.journal_ignore(_new_entry(f"old{i}", retention=0.2))
-    time.sleep(0.5)
+        store.journal_ignore(_new_entry(f"old{i}", retention=2.0))
+    time.sleep(2.2)
     raw = redis_server.client()
     assert store.journal_get("old0") is None  # expired on the server
     sizes = []
@@ -192,3 +210,89 @@ def test_only_the_newest_refusals_are_kept(redis_server: RedisServer, redis_url:
     assert [r.detail for r in kept] == [f"n{i}" for i in range(24, 14, -1)]
     assert kept[0].at == start + timedelta(seconds=24)
     assert redis_server.client().llen("flymy:journal:refusals") == 10
+
+
+def test_claims_given_up_are_sent_and_the_queue_drains(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    ran = store._claim_with("k", 30, "token-1", _new_entry("k"))
+    assert ran[0] == b"acquired"
+    store._give_up_later("k", "token-1", 30)  # as after a timeout on the claim's reply
+    assert store._wait_given_up(10)
+    assert store.claim("k", 30).state is ClaimState.ACQUIRED
+    store._give_up_later("other", "token-2", 30)  # before its claim ran: remembered
+    assert store._wait_given_up(10)
+    assert store._claim_with("other", 30, "token-2", None)[0] == b"busy"
+
+
+@pytest.mark.parametrize("handlers", [1, 2])
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_delivery_costs_two_round_trips_and_one_per_extra_handler(
+    redis_server: RedisServer, redis_url: str, asynchronous: bool, handlers: int
+) -> None:
+    """Counted as request bursts through a proxy (benchmarks/latency_proxy.py): the claim
+    with its entry, then the completion with outcome, history and the waiters' wake-up;
+    each handler but the last is recorded before the next one runs."""
+    import asyncio
+
+    from benchmarks.latency_proxy import LatencyProxy
+    from flymy_receiver import Receiver, RunCompleted
+    from flymy_receiver.testing import make_event, signed_request
+    from tests.conftest import SECRET
+
+    with LatencyProxy("127.0.0.1", redis_server.port) as proxy:
+        store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0")
+        receiver = Receiver(SECRET, store=store)
+        handled: list[str] = []
+
+        @receiver.on("run.completed")
+        def handle(event: RunCompleted) -> None:
+            handled.append(event.data.run_id)
+
+        if handlers == 2:
+            receiver.on("run.completed", name="second")(lambda event: None)
+
+        def deliver(run_id: str) -> int:
+            req = signed_request(make_event("run.completed", run_id=run_id), SECRET)
+            if asynchronous:
+                return asyncio.run(receiver.ahandle(req.body, req.headers)).status
+            return receiver.handle(req.body, req.headers).status
+
+        assert deliver("run_warm") == 200  # connects and loads the scripts
+        counts = []
+        for i in range(3):
+            proxy.reset()
+            assert deliver(f"run_{i}") == 200
+            counts.append(proxy.bursts)
+        proxy.reset()
+        assert deliver("run_0") == 200  # a duplicate: the claim only
+        duplicate = proxy.bursts
+        store.client.close()
+    assert counts == [handlers + 1] * 3
+    assert duplicate == 1
+    assert handled == ["run_warm", "run_0", "run_1", "run_2"]
+
+
+def test_on_redis_cluster_a_prefix_with_a_hash_tag_works_and_a_plain_one_says_why(
+    tmp_path: Any,
+) -> None:
+    """A one-node cluster owning every slot: what a cluster checks, slots, is checked."""
+    import redis
+
+    nodes = str(tmp_path / "nodes.conf")
+    with running_redis("--cluster-enabled", "yes", "--cluster-config-file", nodes) as server:
+        raw = server.client()
+        raw.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+        for _ in range(100):
+            if raw.cluster("info")["cluster_state"] == "ok":
+                break
+            time.sleep(0.1)
+        tagged = RedisStore(redis.Redis.from_url(server.url), prefix="{flymy}:")
+        claim = tagged.claim("run.completed:run_1", 30, _new_entry("run.completed:run_1"))
+        tagged.complete("run.completed:run_1", claim.token, 60, {"app.h": HandlerOutcome(ok=True)})
+        assert [e.state for e in tagged.journal_list()] == ["handled"]
+        plain = RedisStore(redis.Redis.from_url(server.url), prefix="flymy:")
+        with pytest.raises(StoreUnavailable, match=r"prefix with a hash tag"):
+            plain.claim("run.completed:run_2", 30, _new_entry("run.completed:run_2"))
+        for store in (tagged, plain):
+            store.client.close()
+        raw.close()
