@@ -126,7 +126,9 @@ def test_replay_one_then_every_failed(journal: Any) -> None:
     assert out.splitlines()[0].split() == ["RUN", "ID", "OR", "KEY", "STATE", "NOW"]
     assert out.splitlines()[1].split() == ["run_bad_1", "handled"]
     data = json.loads(run("replay", "--failed", "--json"))
-    assert [(r["run_id"], r["state"]) for r in data["replayed"]] == [("run_bad_2", "handled")]
+    assert [(r["key"], r["state"]) for r in data["replayed"]] == [
+        ("run.completed:run_bad_2", "handled")
+    ]
     assert run("list", "--failed") == "no journaled deliveries\n"
     assert run("replay", "--failed") == "no failed entries\n"
 
@@ -294,8 +296,8 @@ def test_show_prints_the_history(many: Any) -> None:
     receiver, _ = many
     assert receiver.handle(*request_for("run_f1", agent_id="agent_a")).status == 500  # a retry
     text = run("show", "run_f1")
-    history = text[text.index("\nhistory\n") :].splitlines()[2:4]
-    header = text[text.index("\nhistory\n") :].splitlines()[1]
+    section = text[text.index("\nhistory\n") + 1 :].splitlines()
+    header, history = section[1], section[2:4]
     assert header.split() == ["AT", "(UTC)", "SOURCE", "STATUS", "OUTCOME", "DURATION", "HANDLER"]
     assert [line.split()[2:5] for line in history] == [
         ["sender", "500", "failed"],
