@@ -1,110 +1,143 @@
-"""The journal's tables for a terminal: one set of columns for ``flymy-receiver journal``
-and ``manage.py flymy_journal``, so both print the same facts in the same order.
+"""The journal as terminal tables: one set of columns for every front end that prints them.
 
-Each ``*_table`` function returns a header and rows of strings; :func:`render` lays them
-out. Every cell that came from a payload (event names, run ids, agent names, handler ids,
-refusal hints) has its control characters escaped and is cut to a bounded width, so no
-sender text can move the cursor or flood a line.
+``flymy-receiver journal`` and ``manage.py flymy_journal`` print the same columns in the same
+order from here, so an operator reads one layout whatever the tool. Each function returns
+the lines to print (header first); every cell that came from a payload has its control
+characters escaped (:func:`~flymy_receiver.describe.escape_controls`) and is cut to a
+bounded width, so a run id holding an escape sequence cannot drive the terminal.
+
+- :func:`entries_table` -- a list of entries: :data:`ENTRY_COLUMNS`.
+- :func:`refusals_table` -- refused deliveries: :data:`REFUSAL_COLUMNS`.
+- :func:`history_table` -- an entry's attempts: :data:`HISTORY_COLUMNS`.
+- :func:`handlers_table` -- an entry's handlers with their state and attempts:
+  :data:`HANDLER_COLUMNS`.
+- :func:`handler_summary` -- the HANDLERS cell: ``"2 ok, 1 queued"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 
 from .describe import escape_controls
-from .stores.records import Attempt, JournalEntry, Refusal, to_datetime
+from .stores.records import HANDLER_STATES, Attempt, HandlerOutcome, JournalEntry, Refusal
 
 __all__ = [
     "ENTRY_COLUMNS",
+    "HANDLER_COLUMNS",
     "HISTORY_COLUMNS",
     "REFUSAL_COLUMNS",
     "cell",
-    "entry_table",
+    "entries_table",
     "handler_summary",
+    "handlers_table",
     "history_table",
-    "refusal_table",
+    "refusals_table",
     "render",
     "when",
 ]
 
-ENTRY_COLUMNS = ["RECEIVED (UTC)", "STATE", "EVENT", "RUN ID", "AGENT", "TRIES", "HANDLERS"]
-HISTORY_COLUMNS = ["AT (UTC)", "SOURCE", "STATUS", "OUTCOME", "DURATION", "HANDLER"]
-REFUSAL_COLUMNS = ["AT (UTC)", "STATUS", "REASON", "HINT"]
-
-Table = tuple[list[str], list[list[str]]]
+ENTRY_COLUMNS = ("RECEIVED (UTC)", "STATE", "EVENT", "RUN ID", "AGENT", "TRIES", "HANDLERS")
+REFUSAL_COLUMNS = ("AT (UTC)", "STATUS", "REASON", "HINT")
+HISTORY_COLUMNS = ("AT (UTC)", "SOURCE", "STATUS", "OUTCOME", "SECONDS", "HANDLER")
+HANDLER_COLUMNS = ("HANDLER", "STATE", "ATTEMPTS", "AT (UTC)", "ERROR")
 
 
 def cell(value: object, limit: int = 200) -> str:
-    """``value`` as one terminal-safe cell: cut at ``limit`` characters, controls escaped."""
-    text = str(value)
+    """``value`` as one terminal-safe cell: control characters escaped, cut at ``limit``."""
+    text = "-" if value is None else str(value)
     if len(text) > limit:
         text = text[:limit] + "…"
     return escape_controls(text)
 
 
-def when(moment: datetime | float) -> str:
-    """A time as ``2026-01-31 12:00:00`` (UTC); epoch seconds too."""
-    if not isinstance(moment, datetime):
-        moment = to_datetime(moment)
+def when(moment: datetime | None) -> str:
+    """A time as every table shows it: UTC, to the second."""
+    if moment is None:
+        return "-"
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def handler_summary(entry: JournalEntry) -> str:
-    """``2/3 ok``, with the count of each other state (``1 queued``, ``1 failed``)."""
-    if not entry.handlers:
+def render(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest cell, two spaces apart; the last one not padded.
+
+    Cells are printed as given: make them with :func:`cell`.
+    """
+    table = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    widths[-1] = 0
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in table
+    ]
+
+
+def handler_summary(handlers: Mapping[str, HandlerOutcome]) -> str:
+    """How many handlers are in each state, in :data:`HANDLER_STATES` order (``-``: none).
+
+    ``"1/2 ok"`` while every handler is ok or failed (the common case), else each state
+    counted: ``"1 ok, 1 queued"``.
+    """
+    if not handlers:
         return "-"
-    states: dict[str, int] = {}
-    for outcome in entry.handlers.values():
-        states[outcome.state] = states.get(outcome.state, 0) + 1
-    summary = f"{states.pop('ok', 0)}/{len(entry.handlers)} ok"
-    return ", ".join([summary, *(f"{n} {state}" for state, n in sorted(states.items()))])
+    counts = {state: 0 for state in HANDLER_STATES}
+    for outcome in handlers.values():
+        counts[outcome.state if outcome.state in counts else "failed"] += 1
+    if counts["ok"] + counts["failed"] == len(handlers):
+        return f"{counts['ok']}/{len(handlers)} ok"
+    return ", ".join(f"{n} {state}" for state, n in counts.items() if n)
 
 
-def entry_table(entries: Iterable[JournalEntry]) -> Table:
-    """Journal entries (summaries will do), newest first as given."""
+def entries_table(entries: Iterable[JournalEntry]) -> list[str]:
+    """The list of entries (summaries are enough), newest first as given."""
     rows = [
         [
             when(e.received_at),
             e.state,
             cell(e.event, 40),
-            cell(e.run_id or "-", 40),
-            cell(e.agent_name or e.agent_id or "-", 30),
+            cell(e.run_id, 40),
+            cell(e.agent_name or e.agent_id, 30),
             str(e.attempts),
-            handler_summary(e),
+            handler_summary(e.handlers),
         ]
         for e in entries
     ]
-    return list(ENTRY_COLUMNS), rows
+    return render(ENTRY_COLUMNS, rows)
 
 
-def history_table(history: Sequence[Attempt]) -> Table:
-    """An entry's attempts, newest first."""
+def refusals_table(refusals: Iterable[Refusal]) -> list[str]:
+    rows = [
+        [when(r.at), str(r.status), cell(r.reason, 40), cell(r.detail or "-", 120)]
+        for r in refusals
+    ]
+    return render(REFUSAL_COLUMNS, rows)
+
+
+def history_table(history: Iterable[Attempt]) -> list[str]:
+    """An entry's attempts, oldest first: who tried (sender, replay, worker), what came of it."""
     rows = [
         [
-            when(a.at),
-            a.source,
+            when(a.started_at),
+            cell(a.source, 10),
             "-" if a.status is None else str(a.status),
-            a.outcome,
-            f"{a.duration * 1000:.0f} ms",
-            cell(a.handler or "-", 80),
+            cell(a.outcome, 20),
+            f"{a.duration:.3f}",
+            cell(a.handler, 80),
         ]
-        for a in reversed(history)
+        for a in history
     ]
-    return list(HISTORY_COLUMNS), rows
+    return render(HISTORY_COLUMNS, rows)
 
 
-def refusal_table(refusals: Iterable[Refusal]) -> Table:
-    """Refused deliveries, newest first as given."""
-    rows = [[when(r.at), str(r.status), cell(r.reason, 40), cell(r.detail, 120)] for r in refusals]
-    return list(REFUSAL_COLUMNS), rows
-
-
-def render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell, two spaces apart, no trailing blanks."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = (
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    )
-    return "\n".join(lines)
+def handlers_table(handlers: Mapping[str, HandlerOutcome]) -> list[str]:
+    """Each handler's latest state (queued, running, ok, failed) and its attempts."""
+    rows = [
+        [
+            cell(name, 80),
+            outcome.state + (" (deferred)" if outcome.deferred else ""),
+            str(outcome.attempts) if outcome.attempts else "-",
+            when(outcome.finished_at) if outcome.at else "-",
+            cell(outcome.error or "-", 200),
+        ]
+        for name, outcome in handlers.items()
+    ]
+    return render(HANDLER_COLUMNS, rows)

@@ -43,10 +43,10 @@ def test_list_is_a_table_newest_first_with_the_clis_columns(journal: Any) -> Non
     from flymy_receiver.tables import ENTRY_COLUMNS
 
     header, *rows = [re.split(r"\s{2,}", line) for line in run("list").splitlines()]
-    assert header == ENTRY_COLUMNS
+    assert header == list(ENTRY_COLUMNS)
     assert [row[3] for row in rows] == ["run_bad_2", "run_ok", "run_bad_1"]
     assert [row[1] for row in rows] == ["failed", "handled", "failed"]
-    assert [row[6] for row in rows] == ["0/1 ok, 1 failed", "1/1 ok", "0/1 ok, 1 failed"]
+    assert [row[6] for row in rows] == ["0/1 ok", "1/1 ok", "0/1 ok"]
 
 
 def test_the_cli_and_the_command_print_the_same_table(journal: Any, capsys: Any) -> None:
@@ -85,14 +85,14 @@ def test_show_prints_outcomes_tracebacks_and_the_body_without_terminal_escapes(
     journal: Any,
 ) -> None:
     text = run("show", "run_bad_1")
-    assert "state     failed" in text
+    assert "state:     failed" in text
     assert "RuntimeError: crm is down" in text
     assert "Traceback (most recent call last)" in text
     assert '"run_id": "run_bad_1"' in text
     assert "\x1b" not in text
     assert "\x07" not in text
     assert "\\u001b]0;title\\u0007" in text  # JSON-escaped in the pretty body
-    assert "history" in text
+    assert "history:" in text
     data = json.loads(run("show", "run_bad_1", "--json"))
     assert data["state"] == "failed"
     assert json.loads(data["body"])["data"]["run_id"] == "run_bad_1"
@@ -285,8 +285,9 @@ def test_list_pages_with_before_and_finds_a_run(many: Any) -> None:
     assert _run_ids() == ["run_ok", "run_f4", "run_f3", "run_f2", "run_f1", "run_f0"]
     text = run("list", "--limit", "2")
     last = text.splitlines()[-1]
-    assert last.startswith("older: --before ")
-    key = last.removeprefix("older: --before ")
+    assert last.startswith("older entries: add --before ")
+    key = last.removeprefix("older entries: add --before ")
+    assert json.loads(run("list", "--limit", "2", "--json"))["before"] == key
     assert _run_ids("--limit", "2", "--before", key) == ["run_f3", "run_f2"]
     assert _run_ids("--run-id", "run_f2") == ["run_f2"]
     assert _run_ids("--failed", "--agent", "agent_a") == ["run_f3", "run_f1"]
@@ -296,9 +297,9 @@ def test_show_prints_the_history(many: Any) -> None:
     receiver, _ = many
     assert receiver.handle(*request_for("run_f1", agent_id="agent_a")).status == 500  # a retry
     text = run("show", "run_f1")
-    section = text[text.index("\nhistory\n") + 1 :].splitlines()
+    section = text[text.index("\nhistory:\n") + 1 :].splitlines()
     header, history = section[1], section[2:4]
-    assert header.split() == ["AT", "(UTC)", "SOURCE", "STATUS", "OUTCOME", "DURATION", "HANDLER"]
+    assert header.split() == ["AT", "(UTC)", "SOURCE", "STATUS", "OUTCOME", "SECONDS", "HANDLER"]
     assert [line.split()[2:5] for line in history] == [
         ["sender", "500", "failed"],
         ["sender", "500", "failed"],
@@ -331,7 +332,7 @@ def test_resolve_takes_an_entry_out_of_the_failures(many: Any) -> None:
     assert run("resolve", "run_f2", "--note", "refunded by hand") == "'run_f2': resolved\n"
     assert "run_f2" not in _run_ids("--failed")
     assert _run_ids("--state", "resolved") == ["run_f2"]
-    assert "note      refunded by hand" in run("show", "run_f2")
+    assert "note:      refunded by hand" in run("show", "run_f2")
     data = json.loads(run("replay", "--failed", "--dry-run", "--json"))
     assert len(data["matched"]) == 4
     assert not any("f2" in key for key in data["matched"])
@@ -452,7 +453,7 @@ def test_sweep_sends_the_queued_handlers_again(sqlite_alias: str) -> None:
     assert [handler for _, handler in queue.jobs] == ["enrich"]
     register(receiver)
     assert run("list").splitlines()[1].split()[2] == "queued"
-    assert "deferred queued  0 worker attempts" in run("show", "run_deferred")
+    assert re.search(r"enrich +queued \(deferred\)", run("show", "run_deferred"))
     assert run("sweep") == "0 deferred handler jobs sent again\n"  # younger than 5m
     out = run("sweep", "--older-than", "0s").splitlines()
     assert out[0] == "1 deferred handler jobs sent again"

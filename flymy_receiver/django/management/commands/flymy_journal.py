@@ -13,15 +13,16 @@ bad value is one ``CommandError`` line; ``--json`` prints JSON instead of a tabl
 from __future__ import annotations
 
 import json
+import shlex
 from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from .... import tables
 from ....errors import ConfigurationError, EventInFlight, StoreUnavailable
 from ....journal import Journal
 from ....stores.records import ENTRY_STATES, JournalEntry
-from ....tables import entry_table, history_table, refusal_table, render, when
 from ...display import pretty_body, printable
 from ...registry import SETTING, configured_receiver
 from .. import arguments
@@ -128,15 +129,17 @@ class Command(BaseCommand):
             before=options["before"],
             limit=limit,
         )
+        # A full page may have older entries after it (keyset pages): say how to get them.
+        older = entries[-1].key if len(entries) == limit else None
         if options["json"]:
-            self._json({"deliveries": [entry.summary() for entry in entries]})
+            self._json({"deliveries": [entry.summary() for entry in entries], "before": older})
             return
         if not entries:
             self.stdout.write("no journaled deliveries")
             return
-        self.stdout.write(render(*entry_table(entries)))
-        if len(entries) == limit:  # keyset pages: the next one starts after the last shown
-            self.stdout.write(f"older: --before {printable(entries[-1].key)}")
+        self._lines(tables.entries_table(entries))
+        if older is not None:
+            self.stdout.write(f"older entries: add --before {shlex.quote(printable(older))}")
 
     def _show(self, options: dict[str, Any]) -> None:
         journal = self._journal(options)
@@ -219,11 +222,8 @@ class Command(BaseCommand):
         elif not results:
             self.stdout.write("nothing to replay" if matched is None else "no failed entries")
         else:
-            rows = [
-                [printable(str(r.get("run_id") or r["key"])[:200]), str(r["state"])]
-                for r in results
-            ]
-            self.stdout.write(render(["RUN ID OR KEY", "STATE NOW"], rows))
+            rows = [[tables.cell(r.get("run_id") or r["key"]), str(r["state"])] for r in results]
+            self._lines(tables.render(["RUN ID OR KEY", "STATE NOW"], rows))
         still = sum(1 for r in results if r["state"] != "handled")
         if still:
             raise CommandError(f"{still} of {len(results)} entries are not handled")
@@ -285,7 +285,7 @@ class Command(BaseCommand):
         elif not refusals:
             self.stdout.write("no refusals recorded")
         else:
-            self.stdout.write(render(*refusal_table(refusals)))
+            self._lines(tables.refusals_table(refusals))
 
     # -- pieces -----------------------------------------------------------------------------
 
@@ -315,6 +315,9 @@ class Command(BaseCommand):
             raise CommandError(f"--database {printable(alias[:100])} is not in settings.DATABASES")
         _check_migrated(alias)
         return Journal(DjangoStore(using=alias))  # type: ignore[arg-type]  # a JournalStore
+
+    def _lines(self, lines: list[str]) -> None:
+        self.stdout.write("\n".join(lines))
 
     def _json(self, data: Any) -> None:
         self.stdout.write(json.dumps(data, indent=2))
@@ -366,36 +369,37 @@ def _replayed(entry: JournalEntry) -> dict[str, Any]:
 
 
 def _details(entry: JournalEntry) -> str:
+    """What ``show`` prints, as ``flymy-receiver journal show --body`` does: the facts, the
+    history, each handler (a deferred one with its state and attempts), the body."""
     lines = [
-        f"key       {entry.key}",
-        f"event     {entry.event}",
-        f"run id    {entry.run_id or '-'}",
-        f"agent     {entry.agent_name or '-'} ({entry.agent_id or '-'})",
-        f"state     {entry.state}",
-        f"attempts  {entry.attempts}",
-        f"received  {when(entry.received_at)} UTC",
-        f"updated   {when(entry.updated_at)} UTC",
+        f"key:       {entry.key}",
+        f"event:     {entry.event}",
+        f"run id:    {entry.run_id or '-'}",
+        f"agent:     {entry.agent_name or '-'} ({entry.agent_id or '-'})",
+        f"state:     {entry.state}",
+        f"attempts:  {entry.attempts}",
+        f"received:  {entry.received_at.isoformat()}",
+        f"updated:   {entry.updated_at.isoformat()}",
     ]
     if entry.note:
-        lines.append(f"note      {entry.note}")
-    lines.append("handlers")
+        lines.append(f"note:      {entry.note[:500]}")
+    lines += [f"header:    {name}: {value}" for name, value in entry.headers.items()]
+    lines.append("history:")
+    if entry.history:
+        lines += ["  " + line for line in tables.history_table(entry.history)]
+    else:
+        lines.append("  none recorded")
+    lines.append("handlers:")
     if not entry.handlers:
-        lines.append("  none ran yet")
+        lines.append("  none ran")
+    else:
+        lines += ["  " + line for line in tables.handlers_table(entry.handlers)]
     for name, outcome in entry.handlers.items():
-        attempts = f"  {outcome.attempts} worker attempts" if outcome.deferred else ""
-        kind = "deferred " if outcome.deferred else ""
-        lines.append(f"  {name}  {kind}{outcome.state}{attempts}  {outcome.error or ''}".rstrip())
         if outcome.traceback and not outcome.ok:
-            lines.extend("    " + line for line in outcome.traceback.rstrip().splitlines())
-    lines.append("history")
-    if not entry.history:
-        lines.append("  no attempts recorded")
-    else:
-        lines.extend("  " + line for line in render(*history_table(entry.history)).splitlines())
+            lines.append(f"traceback of {name}:")
+            lines += [f"    {line}" for line in outcome.traceback.rstrip().splitlines()[-40:]]
     if entry.body is None:
-        lines.append(
-            f"body      not kept (dropped by the journal's byte limit; {entry.body_size} bytes)"
-        )
+        lines.append("body:      dropped (the journal's byte limit)")
     else:
-        lines += ["body", pretty_body(entry.body)]
+        lines += ["body:", pretty_body(entry.body)]
     return "\n".join(lines)
