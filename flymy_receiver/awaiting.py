@@ -4,7 +4,8 @@ A :class:`Waiters` registry (one per receiver, so one per process in the usual a
 the calls that wait, by run id. A call resolves with the event once a delivery of an
 authentic event carrying its run id has ended after its handlers ran, whether they
 succeeded or not (or no handler wanted it); at once when the journal already has such an
-entry settled (``handled``, ``failed`` or ``ignored``; not ``pending``).
+entry settled (``handled``, ``failed`` or ``ignored``; not ``pending``,
+nor ``queued`` while deferred handlers have still to finish on a task queue's workers).
 
 - In this process, the receiver calls :meth:`Waiters.delivered` as a delivery ends. The
   waiting event loops are woken with ``call_soon_threadsafe``, so the delivery may run in a
@@ -68,6 +69,10 @@ logger = logging.getLogger("flymy_receiver")
 DEFAULT_TIMEOUT = 600.0
 #: Journal states of an entry whose handlers have finished: a waiter resolves on these.
 SETTLED_STATES = frozenset({"handled", "failed", "ignored"})
+
+#: States whose handlers are still to run: ``pending`` (a delivery holds it) and ``queued``
+#: (deferred handlers not finished on the queue's workers).
+_UNSETTLED = frozenset({"pending", "queued"})
 
 #: Polling (stores that cannot announce): every waited run is looked up this long after the
 #: last look, doubling up to ``_POLL_MAX`` while nothing settles. New waiters are looked up
@@ -377,6 +382,28 @@ class Waiters:
             return None
         return lambda: self._publish(run_id)
 
+    def changed(self, run_id: str | None) -> None:
+        """The journal entry of ``run_id`` changed outside a delivery (a deferred handler
+        finished on a worker): its waiters, here and in other processes, look it up again
+        (and resolve if it is settled). Blocking; never raises."""
+        if run_id is None:
+            return
+        if self._by_run and self._pid == os.getpid():
+            if not self._shared:  # no watcher thread: read the process-local journal now
+                try:
+                    self._resolve_from_journal([run_id])
+                except Exception as exc:  # the waiters time out; the handler's run stands
+                    logger.warning(
+                        "could not read the journal entry of run %s: %r", run_id[:200], exc
+                    )
+            else:
+                with self._lock:
+                    if run_id in self._by_run:
+                        self._unchecked.add(run_id)
+                self._wake.set()
+        if self.notifier is not None:
+            self._publish(run_id)
+
     def _publish(self, run_id: str) -> None:
         try:
             if self.notifier is not None:
@@ -550,7 +577,9 @@ class Waiters:
             return found
         if isinstance(journal, SettledLookup):
             for start in range(0, len(run_ids), _BATCH):
-                found.update(journal.journal_settled(run_ids[start : start + _BATCH]))
+                batch = journal.journal_settled(run_ids[start : start + _BATCH])
+                # A queued entry's deferred handlers have not finished: not settled yet.
+                found.update((r, e) for r, e in batch.items() if e.state not in _UNSETTLED)
             return found
         for run_id in run_ids:  # one query per run: stores should offer journal_settled
             entry = journal.journal_get(run_id)

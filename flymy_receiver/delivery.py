@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
+from . import deferred as _deferred
 from .awaiting import Waiters
 from .errors import EventInFlight, HandlerFailed, StoreUnavailable, WebhookError
 from .events import RunCompleted, RunFailed, UnknownEvent
 from .journal import Journal
-from .responses import _JSON, DUPLICATE, RECEIVED, Response, refusal
+from .queues import Queue
+from .responses import _JSON, DUPLICATE, RECEIVED, Response, deferred_received, refusal
 from .routing import Handler, OutputMismatch, run_coroutine
 from .stores.base import AtomicStore, Claim, ClaimState, JournalStore, Store
 from .stores.records import Attempt, HandlerOutcome, JournalEntry, NewEntry
@@ -62,6 +64,7 @@ class Host(Protocol):
     waiters: Waiters
     lease: timedelta
     retention: timedelta
+    queue: Queue | None
     on_failure: Callable[[JournalEntry], object] | None
 
 
@@ -257,9 +260,13 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
         return refusal(StoreUnavailable("abandoned"), retry_after=0)
     token = claim.token
     outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
+    deferred: list[str] = []  # for the queue's workers, once the entry is durable
     succeeded: set[str] = set()
     for handler in d.handlers:
         if handler.id in claim.done_handlers or handler.id in d.skip:
+            continue
+        if handler.deferred and not d.replay:  # a replay runs them here, inline
+            deferred.append(handler.id)
             continue
         recorded: HandlerOutcome | None = None
         try:
@@ -304,18 +311,25 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
                 yield _StoreCall(store.mark_handler_done, mark_args)
             except Exception as exc:
                 return _store_failed(exc, d, "record a handler of")
+    if deferred and outcomes is not None:  # the entry stays queued until they ran
+        now = time.time()
+        outcomes.update((name, _deferred.queued_outcome(now)) for name in deferred)
     if d.replay and outcomes is not None and (not succeeded or d.failed - succeeded):
         # Nothing ran, or a handler that failed before has none to run it now.
         return (yield from _ran_nothing(host, d, token, outcomes, started, clock))
     complete_args: tuple[Any, ...] = (d.key, token, retention_s)
     if outcomes is not None:
-        attempt = Attempt(started, source, 200, "handled", time.perf_counter() - clock)
+        how = "queued" if deferred else "handled"
+        attempt = Attempt(started, source, 200, how, time.perf_counter() - clock)
         complete_args = (*complete_args, outcomes, attempt)
     try:
         yield _StoreCall(store.complete, complete_args)
     except Exception as exc:
         return _store_failed(exc, d, "record")
     d.held = ""
+    if deferred and host.queue is not None:  # the workers tell the waiters, when finished
+        yield _StoreCall(_deferred.send_jobs, (host.queue, d.key, deferred))
+        return deferred_received(len(deferred))
     return (yield from _ended(host, d, RECEIVED))
 
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
+from .deferred import DEFAULT_SWEEP_AGE, Job
+from .deferred import sweep as _sweep
 from .errors import ConfigurationError, EventInFlight, StoreUnavailable
 from .rationing import TokenBucket
 from .resend import curl_command, post_signed
@@ -216,6 +218,15 @@ class Journal:
         """A ``curl`` command that POSTs an entry's stored body to ``url``, signing it with
         ``$FLYMY_WEBHOOK_SECRET`` as it runs (no secret, no signature in the text)."""
         return curl_command(url, self._body_of(key_or_run_id))
+
+    def sweep(self, older_than: timedelta = DEFAULT_SWEEP_AGE) -> builtins.list[Job]:
+        """Send again the deferred handlers' jobs that may have been lost (a broker outage, a
+        web process killed before it sent them, a worker killed mid-handler): the entries
+        still ``queued`` after ``older_than``. Returns the jobs sent; run it every few
+        minutes (a Celery beat task, cron). See :func:`flymy_receiver.deferred.sweep`."""
+        if self.receiver is None:
+            raise ConfigurationError("the sweep needs the receiver whose queue sends the jobs")
+        return _sweep(self.receiver, older_than)
 
     def refusals(self, limit: int = 100) -> builtins.list[Refusal]:
         """Refused deliveries, newest first (no bodies)."""

@@ -14,11 +14,12 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
+from . import deferred as _deferred
 from . import events as _events
 from .awaiting import DEFAULT_TIMEOUT, Waiters
 from .delivery import AnyEvent, Delivery, Offload, arun, cut, log_refusal, run, run_id_of
@@ -36,6 +37,7 @@ from .errors import (
 from .events import UnknownEvent
 from .headers import READ_HEADERS, Headers, read_headers
 from .journal import DEFAULT_JOURNAL_RETENTION, Journal, RefusalLog
+from .queues import Queue
 from .rationing import TokenBucket
 from .responses import RECEIVED, Response, refusal
 from .routing import Handler, Router
@@ -92,7 +94,10 @@ class Receiver(Router):
     called with the :class:`~flymy_receiver.journal.JournalEntry` when an entry first ends an
     attempt ``failed`` (not again for retries that fail after it; again once it was handled
     or resolved and fails anew); for alerting. It needs the journal; what it raises is
-    logged, never raised into a delivery.
+    logged, never raised into a delivery. ``queue`` is the task queue whose workers run the
+    handlers registered with ``defer=True`` (:class:`~flymy_receiver.queues.celery.CeleryQueue`,
+    ...); it is bound to this receiver here, so the worker task exists wherever the receiver
+    is built.
     """
 
     def __init__(
@@ -109,9 +114,11 @@ class Receiver(Router):
         clock: Callable[[], datetime] | None = None,
         journal: bool = True,
         journal_retention: timedelta = DEFAULT_JOURNAL_RETENTION,
+        queue: Queue | None = None,
         on_failure: Callable[[JournalEntry], object] | None = None,
     ) -> None:
         super().__init__()
+        self._queue: Queue | None = None
         self._keys = normalize_secrets(secret)
         if max_body_size < 1:
             raise ValueError("max_body_size must be positive")
@@ -152,6 +159,7 @@ class Receiver(Router):
             )
         #: Called with an entry that has just become ``failed`` (see the class docstring).
         self.on_failure: Callable[[JournalEntry], object] | None = on_failure
+        self.queue = queue
 
     def _use_store(self, store: Store) -> None:
         """Keep records, the journal and the waiters in ``store`` from now on."""
@@ -163,6 +171,24 @@ class Receiver(Router):
             self.journal = Journal(journal_store, self, self._refusal_log)
         #: The calls waiting for runs' webhooks (:meth:`wait_for`, :meth:`results`).
         self.waiters = Waiters(store, self.journal.store if self.journal else None)
+
+    @property
+    def queue(self) -> Queue | None:
+        """The task queue of the deferred handlers (``None``: every handler runs inline)."""
+        return self._queue
+
+    @queue.setter
+    def queue(self, queue: Queue | None) -> None:
+        # Given later than the handlers: they are checked again (refused without a queue).
+        previous, self._queue = self._queue, queue
+        try:
+            for handler in self.handlers():
+                _deferred.check_deferrable(self, handler)
+        except ConfigurationError:
+            self._queue = previous
+            raise
+        if queue is not None and queue is not previous:
+            queue.bind(self)  # registers the worker task: `celery -A module worker` finds it
 
     def with_store(self, store: Store) -> Receiver:
         """This receiver (the same handlers, secrets and settings) journaling in ``store``.
@@ -276,7 +302,25 @@ class Receiver(Router):
                 f"handler {handler.id}: atomic=True needs a store that runs a handler in one"
                 f" transaction with its record (DjangoStore); {public_name(self.store)} cannot"
             )
+        _deferred.check_deferrable(self, handler)
         super()._check(handler)
+
+    def run_deferred(
+        self,
+        key: str,
+        handler_id: str,
+        *,
+        final: _deferred.Final = True,
+        context: Mapping[str, str] | None = None,
+    ) -> str:
+        """Run one deferred handler of a journal entry: the queue's worker task calls this.
+
+        Takes the handler's own lease, runs it on the stored body and records the outcome;
+        ``"done"`` when it had succeeded already, ``"busy"`` while another worker runs it. A
+        failure is recorded and re-raised (the queue retries); ``final`` says whether this
+        run is the last. See :func:`flymy_receiver.deferred.run_deferred`.
+        """
+        return _deferred.run_deferred(self, key, handler_id, final=final, context=context)
 
     # -- the plan -----------------------------------------------------------------------
 

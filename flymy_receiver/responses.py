@@ -14,7 +14,7 @@ import orjson
 
 from .errors import MethodNotAllowed, WebhookError
 
-__all__ = ["DUPLICATE", "RECEIVED", "Response", "refusal"]
+__all__ = ["DUPLICATE", "RECEIVED", "Response", "deferred_received", "refusal"]
 
 # Read-only: the common responses below share it.
 _JSON: Mapping[str, str] = MappingProxyType({"Content-Type": "application/json"})
@@ -35,6 +35,11 @@ class Response:
 
 RECEIVED = Response(200, b'{"received":true}', _JSON)
 DUPLICATE = Response(200, b'{"received":true,"duplicate":true}', _JSON)
+
+
+def deferred_received(count: int) -> Response:
+    """Journaled, inline handlers done, ``count`` deferred handlers sent to the queue."""
+    return Response(200, b'{"received":true,"deferred":%d}' % count, _JSON)
 
 
 def refusal(error: WebhookError, retry_after: float | None = None) -> Response:

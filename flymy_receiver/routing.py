@@ -72,6 +72,7 @@ class Handler:
         "agent_id",
         "agent_name",
         "atomic",
+        "deferred",
         "event",
         "func",
         "id",
@@ -89,9 +90,11 @@ class Handler:
         id: str,
         localns: Mapping[str, Any] | None = None,
         atomic: bool = False,
+        deferred: bool = False,
     ) -> None:
         self.func = func
         self.atomic = atomic
+        self.deferred = deferred
         self.event = event
         self.agent_id = agent_id
         self.agent_name = agent_name
@@ -357,6 +360,7 @@ class Router:
         output: type[Any] | None = None,
         name: str | None = None,
         atomic: bool = False,
+        defer: bool = False,
         known: bool = True,
     ) -> Callable[[F], F]:
         """Register the decorated function for ``event`` (``"*"`` for every event).
@@ -367,10 +371,12 @@ class Router:
         succeeds so that a retry skips it (default ``module.qualname``; renaming changes
         it). ``atomic=True`` runs a sync handler in one database transaction with the record
         that it succeeded (needs a store that can, such as ``DjangoStore``; refused with
-        ``ConfigurationError`` otherwise). An event name the platform does not send is refused
-        with a "did you mean" unless ``known=False`` (for events it may add), and so are an
-        annotation that contradicts the event and a handler that cannot take exactly one
-        argument. Returns the function unchanged.
+        ``ConfigurationError`` otherwise). ``defer=True`` acknowledges the delivery once it is
+        journaled and runs the handler on a task queue's worker (needs ``Receiver(queue=...)``
+        and a store other processes share; see :mod:`flymy_receiver.deferred`). An event name
+        the platform does not send is refused with a "did you mean" unless ``known=False``
+        (for events it may add), and so are an annotation that contradicts the event and a
+        handler that cannot take exactly one argument. Returns the function unchanged.
         """
         if not isinstance(event, str) or not event:
             raise TypeError("event must be a non-empty event name, or '*'")
@@ -395,6 +401,7 @@ class Router:
                 id=name if name is not None else _derived_id(func),
                 localns=localns,
                 atomic=atomic,
+                deferred=defer,
             )
             self._refuse_clashes([handler])
             self._check(handler)
