@@ -28,7 +28,7 @@ if asyncio.iscoroutine(result):
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FLYMY_WEBHOOK_SECRET", "CI")}
     env["FLYMY_WEBHOOK_SECRET"] = "whsec-docs-test"
-    env["PYTHONPATH"] = "."
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (".", env.get("PYTHONPATH")) if p)
     return env
 
 
