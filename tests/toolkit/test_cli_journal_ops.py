@@ -363,3 +363,18 @@ def test_show_and_sweep_deferred_handlers(tmp_path: Path) -> None:
     (job,) = (tmp_path / "jobs.txt").read_text().splitlines()
     assert job.startswith("run.completed:run_later ")
     assert job.endswith("enrich")
+
+
+@pytest.mark.postgres
+def test_reading_an_empty_postgres_database_creates_no_tables(
+    postgres_server: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    for args in (["journal", "list"], ["journal", "refusals"]):
+        result = cli(*args, "--store", postgres_url, cwd=tmp_path)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "do not exist" in result.stderr
+        assert "create=False" in result.stderr
+    database = postgres_url.rsplit("/", 1)[1]
+    tables = "SELECT count(*) FROM pg_catalog.pg_tables WHERE tablename LIKE 'flymy%'"
+    assert postgres_server.psql(tables, database).strip() == "0"
