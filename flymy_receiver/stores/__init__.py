@@ -109,4 +109,3 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
         f"unknown store scheme {scheme[:20]!r} in {redacted_url(url)!r}: "
         "use memory://, sqlite:///, redis:// or postgresql://"
     )
-
