@@ -180,7 +180,7 @@ class PostgresTarget(_CloningTarget):
         self._server = contextlib.ExitStack()
         server = self._server.enter_context(running_postgres())
         self.url = server.create_database()
-        self.store = PostgresStore(self.url)
+        self.store = PostgresStore(self.url, timeout=60)  # the setup lists whole journals
         self._template()
 
     def _sql(self, query: str, args: tuple[Any, ...] = ()) -> list[Any]:
