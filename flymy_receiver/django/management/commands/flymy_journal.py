@@ -314,7 +314,7 @@ class Command(BaseCommand):
         if alias not in connections.settings:
             raise CommandError(f"--database {printable(alias[:100])} is not in settings.DATABASES")
         _check_migrated(alias)
-        return Journal(DjangoStore(using=alias))  # type: ignore[arg-type]  # a JournalStore
+        return Journal(DjangoStore(using=alias))
 
     def _lines(self, lines: list[str]) -> None:
         self.stdout.write("\n".join(lines))
