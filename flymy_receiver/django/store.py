@@ -175,7 +175,7 @@ class DjangoStore(HandlerRuns, JournalReads):
                 state = "queued" if queued else "handled"
                 self._journal_update(m, key, now, state=state, outcomes=outcomes, attempt=attempt)
             queue = self.transactional_queue
-            if not queued or queue is None or not queue.writes_to(self.using):
+            if not queued or queue is None or not _writes_here(queue, self.using):
                 return
             for handler in queued:
                 try:  # a row in this transaction: committed with the entry, or not at all
@@ -576,6 +576,14 @@ def _appended(row: Any, attempt: Attempt | None) -> dict[str, Any]:
         return {}
     history = [*(row.history or ()), attempt.to_dict()]
     return {"history": history[-HISTORY_LIMIT:]}
+
+
+def _writes_here(queue: TransactionalQueue, using: str) -> bool:
+    try:
+        return queue.writes_to(using)
+    except Exception as exc:  # a misconfigured backend: the receiver sends the jobs
+        logger.warning("cannot tell where %r writes its jobs: %r", queue, exc)
+        return False
 
 
 def _is_database_error(exc: BaseException) -> bool:
