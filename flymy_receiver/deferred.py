@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import telemetry as _telemetry
 from .errors import ConfigurationError
 from .events import parse_event
 from .routing import Handler, run_coroutine
@@ -102,7 +103,8 @@ def check_deferrable(receiver: Receiver, handler: Handler) -> None:
 
 def job_context() -> dict[str, str]:
     """The trace context a job carries to its worker (filled when telemetry is on)."""
-    return {}
+    trace = _telemetry.current()
+    return trace.job_context() if trace is not None else {}
 
 
 def queued_outcome(now: float) -> HandlerOutcome:

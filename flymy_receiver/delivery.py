@@ -21,6 +21,7 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 from . import deferred as _deferred
+from . import telemetry as _telemetry
 from .awaiting import Waiters
 from .errors import EventInFlight, HandlerFailed, StoreUnavailable, WebhookError
 from .events import RunCompleted, RunFailed, UnknownEvent
@@ -118,6 +119,18 @@ class _HandlerCall:
     handler: Handler
     event: Any
 
+    def __call__(self) -> Any:
+        """Run the handler to completion here (an async one in an event loop of its own)."""
+        if self.handler.is_async:
+            return run_coroutine(self.handler.func(self.event))
+        return self.handler.func(self.event)
+
+    async def acall(self) -> Any:
+        """Run the handler from an event loop (a sync one in a worker thread)."""
+        if self.handler.is_async:
+            return await self.handler.func(self.event)
+        return await asyncio.to_thread(self.handler.func, self.event)
+
 
 _Action = _StoreCall | _HandlerCall
 _Plan = Generator[_Action, Any, Response]
@@ -135,6 +148,8 @@ def run(host: Host, delivery: Delivery) -> Response:
             try:
                 if isinstance(step, _StoreCall):
                     result = step()
+                elif (trace := _telemetry.current()) is not None:
+                    result = _telemetry.traced_call(trace, step.handler.id, step)
                 elif step.handler.is_async:
                     result = run_coroutine(step.handler.func(step.event))
                 else:
@@ -175,6 +190,8 @@ async def arun(host: Host, delivery: Delivery) -> Response:
             try:
                 if isinstance(step, _StoreCall):
                     result = await asyncio.to_thread(step) if offload_store else step()
+                elif (trace := _telemetry.current()) is not None:
+                    result = await _telemetry.atraced_call(trace, step.handler.id, step.acall)
                 elif step.handler.is_async:
                     result = await step.handler.func(step.event)
                 else:
@@ -419,7 +436,10 @@ def cut(text: str | None, limit: int = LOG_TEXT_LIMIT) -> str:
 
 
 def log_refusal(error: WebhookError, event: AnyEvent | None, level: int = logging.WARNING) -> None:
-    """The one log line of a refused delivery."""
+    """The one log line of a refused delivery (and its reason on the delivery's span)."""
+    trace = _telemetry.current()
+    if trace is not None:
+        trace.refused(error.code)
     logger.log(
         level,
         "refused delivery: reason=%s status=%d event=%s run_id=%s%s",
@@ -434,6 +454,9 @@ def log_refusal(error: WebhookError, event: AnyEvent | None, level: int = loggin
 
 def _store_failed(exc: Exception, d: Delivery, doing: str) -> Response:
     error = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(repr(exc))
+    trace = _telemetry.current()
+    if trace is not None:
+        trace.refused(error.code)
     logger.error(
         "refused delivery: reason=%s status=%d event=%s run_id=%s (idempotency store failed"
         " to %s it: %s)",

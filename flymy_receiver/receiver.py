@@ -21,6 +21,7 @@ from typing import Any
 
 from . import deferred as _deferred
 from . import events as _events
+from . import telemetry as _telemetry
 from .awaiting import DEFAULT_TIMEOUT, Waiters
 from .delivery import AnyEvent, Delivery, arun, cut, log_refusal, run, run_id_of
 from .errors import (
@@ -151,6 +152,8 @@ class Receiver(Router):
             for i in range(len(self._keys))
         ]
         self._journaling = journal
+        #: OpenTelemetry spans and metrics (switched off without opentelemetry-api).
+        self._telemetry = _telemetry.telemetry_for()
         self._use_store(self.store)
         if on_failure is not None and self.journal is None:
             raise ConfigurationError(
@@ -171,6 +174,8 @@ class Receiver(Router):
             self.journal = Journal(journal_store, self, self._refusal_log)
         #: The calls waiting for runs' webhooks (:meth:`wait_for`, :meth:`results`).
         self.waiters = Waiters(store, self.journal.store if self.journal else None)
+        if self.journal is not None:
+            self._telemetry.watch(self.journal)
 
     @property
     def queue(self) -> Queue | None:
@@ -220,6 +225,12 @@ class Receiver(Router):
 
     def handle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
         """Answer one delivery: verify, parse, dispatch to handlers, say which status."""
+        trace = self._telemetry.delivery(_size(body))
+        if trace is not None:
+            return self._telemetry.observe(trace, lambda: self._handle(body, headers, method))
+        return self._handle(body, headers, method)
+
+    def _handle(self, body: bytes, headers: Headers, method: str) -> Response:
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
@@ -228,6 +239,14 @@ class Receiver(Router):
     async def ahandle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
         """The async twin of :meth:`handle`: awaits async handlers, runs sync handlers and
         blocking store calls in a worker thread so the event loop never stalls."""
+        trace = self._telemetry.delivery(_size(body))
+        if trace is not None:
+            return await self._telemetry.aobserve(
+                trace, lambda: self._ahandle(body, headers, method)
+            )
+        return await self._ahandle(body, headers, method)
+
+    async def _ahandle(self, body: bytes, headers: Headers, method: str) -> Response:
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
@@ -310,7 +329,13 @@ class Receiver(Router):
         failure is recorded and re-raised (the queue retries); ``final`` says whether this
         run is the last. See :func:`flymy_receiver.deferred.run_deferred`.
         """
-        return _deferred.run_deferred(self, key, handler_id, final=final, context=context)
+        with self._telemetry.worker_span(handler_id, key, context) as span:
+            try:
+                return _deferred.run_deferred(self, key, handler_id, final=final, context=context)
+            except BaseException as exc:
+                if span is not None:
+                    span.failed(exc)
+                raise
 
     # -- the plan -----------------------------------------------------------------------
 
@@ -337,6 +362,11 @@ class Receiver(Router):
             return refusal(exc)
         handlers = self.handlers_for(event)
         run_id = run_id_of(event)
+        trace = _telemetry.current()
+        if trace is not None:
+            trace.event(event.event, run_id, _agent_id_of(event))
+            if not handlers:
+                trace.outcome("ignored")
         if not handlers:
             _warn_unwanted(event.event, run_id)
             if self.journal is None:
@@ -389,6 +419,10 @@ class Receiver(Router):
             event, raw, entry.key, run_id_of(event), handlers, replay=True, force=force, skip=skip
         )
         delivery.failed = failed
+        trace = self._telemetry.delivery(len(entry.body), replay=True)
+        if trace is not None:
+            trace.event(entry.event, entry.run_id, entry.agent_id)
+            return self._telemetry.observe(trace, lambda: run(self, delivery))
         return run(self, delivery)
 
     def _check_request(self, headers: Headers, method: str) -> list[Any]:
@@ -463,3 +497,15 @@ def _warn_unwanted(event: str, run_id: str | None) -> None:
         )
     else:
         logger.debug("no handler for %s (run %s)", cut(event), cut(run_id))
+
+
+def _size(body: Any) -> int:
+    """The body's length for the span (0 for what is not bytes: it is refused anyway)."""
+    return len(body) if isinstance(body, (bytes, bytearray, memoryview)) else 0
+
+
+def _agent_id_of(event: AnyEvent) -> str | None:
+    if isinstance(event, UnknownEvent):
+        agent_id = event.data.get("agent_id")
+        return agent_id if isinstance(agent_id, str) else None
+    return event.data.agent_id

@@ -28,7 +28,7 @@ if asyncio.iscoroutine(result):
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("FLYMY_WEBHOOK_SECRET", "CI")}
     env["FLYMY_WEBHOOK_SECRET"] = "whsec-docs-test"
-    env["PYTHONPATH"] = "."
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (".", env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -50,14 +50,17 @@ def test_a_skipped_block_says_why() -> None:
 
 def test_the_docs_have_runnable_blocks_on_most_pages() -> None:
     with_code = [p for p in pages() if blocks(p)]
-    runnable = [p for p in with_code if page_script(p) is not None or any(
-        b.file for b in blocks(p))]
+    runnable = [
+        p for p in with_code if page_script(p) is not None or any(b.file for b in blocks(p))
+    ]
     assert len(with_code) >= 10
     assert len(runnable) == len(with_code), "a page whose every block is marked not run"
 
 
 @pytest.mark.parametrize(
-    "page", [p for p in pages() if page_script(p) is not None], ids=lambda p: str(p.relative_to(DOCS))
+    "page",
+    [p for p in pages() if page_script(p) is not None],
+    ids=lambda p: str(p.relative_to(DOCS)),
 )
 def test_page_blocks_run(page: Path, project: Path) -> None:
     for module in ("flask", "starlette", "django"):
