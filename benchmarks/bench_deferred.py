@@ -154,6 +154,9 @@ def _started(directory: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples")
+    parser.add_argument(
+        "--store", choices=("sqlite", "postgres"), default="sqlite", help="the journal's store"
+    )
     args = parser.parse_args()
     from tests.stores.redis_server import RedisServer
 
@@ -161,6 +164,13 @@ def main() -> None:
         (16, 100, 3, 300, 60) if args.quick else (40, 400, 5, 600, 200)
     )
     store = os.environ.get("BENCH_STORE", "sqlite")
+    postgres = None
+    if args.store == "postgres" and store == "sqlite":  # a throwaway cluster of our own
+        from tests.postgres_server import PostgresServer
+
+        postgres = PostgresServer()
+        postgres.start()
+        store = postgres.create_database("bench_deferred")
     broker = RedisServer()
     broker.start()
     started = time.monotonic()
@@ -193,6 +203,8 @@ def main() -> None:
             print(f"| one idle worker (solo pool) | {len(lags)} | {p50:,.1f} ms | {p99:,.1f} ms |")
     finally:
         broker.stop()
+        if postgres is not None:
+            postgres.destroy()
     shown = "SQLite" if store == "sqlite" else "PostgreSQL"
     print(
         f"\n({time.monotonic() - started:.0f} s, store {shown}, Redis broker, Python "

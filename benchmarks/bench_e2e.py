@@ -7,6 +7,8 @@ requests per round with a deadline, every request a distinct signed event.
 
     python -m benchmarks.bench_e2e            # full run, about a minute
     python -m benchmarks.bench_e2e --quick    # a rough run, under 30 seconds
+    python -m benchmarks.bench_e2e --durable  # PostgresStore against a hand-written durable
+                                              # endpoint, with and without 1 ms store latency
 """
 
 from __future__ import annotations
@@ -150,14 +152,49 @@ def _cpu_seconds(group: int) -> float:
     return total / ticks
 
 
+POSTGRES_APP = [
+    sys.executable, "-m", "gunicorn", "-w", "1", "--log-level", "warning",
+    "benchmarks.apps.postgres_app:app",
+]  # fmt: skip
+
+
+def durable(label: str, rounds: int, per_round: int, deadline: float) -> None:
+    """Our receiver on PostgresStore against the hand-written durable endpoint (the same
+    Flask server, the same database), straight and through a proxy that adds 0.5 ms to
+    every message each way (1 ms per round trip: a database next door)."""
+    from benchmarks.latency_proxy import LatencyProxy
+    from tests.postgres_server import running_postgres
+
+    print(f"| {label} bodies, PostgreSQL | ours req/s | hand-written req/s | ratio | target |")
+    print("|---|---:|---:|---:|---|")
+    with running_postgres() as server:
+        for delay in (0.0, 0.0005):
+            with LatencyProxy("127.0.0.1", server.port, delay=delay) as proxy:
+                port = proxy.port if delay else server.port
+                database = server.create_database().rpartition("/")[2]
+                url = f"postgresql://postgres@127.0.0.1:{port}/{database}"
+                env = {"BENCH_PG_URL": url}
+                samples = compare(
+                    POSTGRES_APP, env, (OURS, HAND), label, rounds, per_round, deadline
+                )
+            ours, hand = statistics.median(samples[OURS]), statistics.median(samples[HAND])
+            name = f"Flask (gunicorn), {2000 * delay:g} ms per round trip"
+            print(f"| {name} | {ours:,.0f} | {hand:,.0f} | {ours / hand:.2f} | ≥ 0.9 |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
     parser.add_argument("--size", default="1 KB", choices=list(SIZES))
     parser.add_argument("--servers", nargs="*", choices=list(SERVERS))
+    parser.add_argument("--durable", action="store_true", help="PostgreSQL, durable endpoints")
     args = parser.parse_args()
     rounds, per_round = (3, 300) if args.quick else (7, 1000)
     started = time.monotonic()
+    if args.durable:
+        durable(args.size, rounds, per_round, deadline=60.0)
+        print(f"\n({time.monotonic() - started:.0f} s, {rounds} rounds x {per_round})")
+        return
     print(f"| {args.size} bodies | ours req/s | hand-written req/s | ratio | target |")
     print("|---|---:|---:|---:|---|")
     for name in args.servers or list(SERVERS):

@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +51,12 @@ OPERATIONS = (
 )
 
 
-def _median_us(call: Callable[[int], Any], repeats: int) -> float:
-    """The median of ``repeats`` timed calls, in microseconds (``call`` gets the index)."""
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        call(i)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+Operation = Callable[[int], Any]
 
 
-def measure(target: Target, size: int, repeats: int) -> dict[str, float]:
+def prepare(target: Target, size: int, repeats: int) -> dict[str, Operation]:
+    """The timed operations on ``target`` (of ``size`` entries), each called with the index
+    of the call (0 .. repeats-1), so that every call uses its own event, key or cursor."""
     if not journals(target.store):
         raise RuntimeError(f"{target.store!r} keeps no journal")
     store: JournalStore = target.store  # type: ignore[assignment]
@@ -102,22 +98,40 @@ def measure(target: Target, size: int, repeats: int) -> dict[str, float]:
     def inspector(i: int) -> None:
         store.journal_list(limit=100)
 
-    figures = {
-        "delivery": _median_us(deliver, repeats),
-        "get (key)": _median_us(get_key, repeats),
-        "get (run id)": _median_us(get_run, repeats),
-        "failed page (keyset)": _median_us(failed_page, repeats),
-        "agent page (keyset)": _median_us(agent_page, repeats),
-        "inspector list (100)": _median_us(inspector, repeats),
-    }
-    prunes = []
-    for _ in range(3):
-        target.add_expired(EXPIRED)
-        start = time.perf_counter()
+    def prune(i: int) -> None:  # timed from here: the expired entries are added untimed
         target.prune()
-        prunes.append(time.perf_counter() - start)
-    figures[f"prune ({EXPIRED:,} expired)"] = statistics.median(prunes) * 1e6
-    return figures
+
+    calls = (deliver, get_key, get_run, failed_page, agent_page, inspector, prune)
+    return dict(zip(OPERATIONS, calls, strict=True))
+
+
+def interleaved(
+    targets: dict[int, Target], operations: dict[int, dict[str, Operation]], repeats: int
+) -> dict[int, dict[str, float]]:
+    """Median microseconds per size and operation, the sizes taking turns in rounds (10
+    calls of each operation per turn), so that a machine busy for a while slows every size
+    alike. Prunes: 3 per size, each after adding :data:`EXPIRED` expired entries."""
+    times: dict[int, dict[str, list[float]]] = {n: {op: [] for op in OPERATIONS} for n in targets}
+    prune = OPERATIONS[-1]
+    for start in range(0, repeats, 10):
+        for size, ops in operations.items():
+            for name, call in ops.items():
+                if name == prune:
+                    continue
+                for i in range(start, min(start + 10, repeats)):
+                    began = time.perf_counter()
+                    call(i)
+                    times[size][name].append(time.perf_counter() - began)
+    for round_ in range(3):
+        for size, target in targets.items():
+            target.add_expired(EXPIRED)
+            began = time.perf_counter()
+            operations[size][prune](round_)
+            times[size][prune].append(time.perf_counter() - began)
+    return {
+        size: {name: statistics.median(found) * 1e6 for name, found in by_op.items()}
+        for size, by_op in times.items()
+    }
 
 
 def _fmt(us: float) -> str:
@@ -143,20 +157,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = SIZES_QUICK if args.quick else SIZES_FULL
     results: dict[int, dict[str, float]] = {}
+    target_type = TARGETS[args.store]
     with tempfile.TemporaryDirectory(prefix="flymy-scale-") as directory:
-        for size in sizes:
-            with TARGETS[args.store](Path(directory) / f"n{size}") as target:
-                started = time.perf_counter()
-                target.fill(size)
-                filled = time.perf_counter() - started
-                print(f"{args.store}: {size:,} entries filled in {filled:.1f} s", flush=True)
-                results[size] = measure(target, size, args.repeats)
-                print(
-                    "  " + ", ".join(f"{k}: {_fmt(v)}" for k, v in results[size].items()),
-                    flush=True,
-                )
+        # Stores that can live side by side are measured in turns; one that shares a
+        # database between sizes (Django's) is measured size after size.
+        groups = [sizes] if target_type.side_by_side else [(size,) for size in sizes]
+        for group in groups:
+            targets, operations = {}, {}
+            with ExitStack() as group_stack:
+                for size in group:
+                    target = group_stack.enter_context(target_type(Path(directory) / f"n{size}"))
+                    started = time.perf_counter()
+                    target.fill(size)
+                    took = time.perf_counter() - started
+                    print(f"{args.store}: {size:,} entries filled in {took:.1f} s", flush=True)
+                    targets[size] = target
+                    operations[size] = prepare(target, size, args.repeats)
+                results.update(interleaved(targets, operations, args.repeats))
     print()
-    print(f"{args.store}, median of {args.repeats} calls (prune: of 3)")
+    print(f"{args.store}, median of {args.repeats} calls (prune: of 3), sizes in turns")
     print(report(results))
 
 

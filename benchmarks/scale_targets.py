@@ -243,9 +243,11 @@ class PostgresTarget(_CloningTarget):
         names, values = self._select(
             "g.i", f"{start!r}::float8", f"{step!r}::float8", f"{retention!r}::float8"
         )
+        values = values.replace("%", "%%")  # the modulo of the expressions, not a placeholder
         self._sql(
             f'INSERT INTO "{schema}".{self.table} ({names}) SELECT {values} '  # noqa: S608
-            f'FROM "{schema}".{self.table} t, generate_series(%s, %s) AS g(i) WHERE t.key = %s',
+            f'FROM "{schema}".{self.table} t, generate_series(%s::bigint, %s::bigint) AS g(i)'
+            ' WHERE t.key = %s',
             (first, first + n - 1, self.template_key),
         )
         self._sql(f'ANALYZE "{schema}".{self.table}')

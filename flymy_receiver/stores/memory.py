@@ -283,7 +283,7 @@ class MemoryStore:
         start = since.timestamp() if since is not None else None
         end = until.timestamp() if until is not None else None
         with self._lock:
-            return self._journal.list(states, match, start, end, before, limit)
+            return self._journal.summaries(states, match, start, end, before, limit)
 
     def journal_resolve(self, key: str, note: str) -> bool:
         """Make the entry ``resolved`` with ``note``; False when there is no such entry."""

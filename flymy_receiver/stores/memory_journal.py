@@ -109,7 +109,7 @@ class MemoryJournal:
             return None
         return self._entry(kept, full=True)
 
-    def list(
+    def summaries(
         self,
         states: frozenset[str] | None,
         match: Callable[[NewEntry], bool],

@@ -26,6 +26,8 @@ subscribe to ("" for none).
 
 from __future__ import annotations
 
+from .records import HISTORY_LIMIT
+
 __all__ = [
     "CLAIM",
     "CLAIM_HANDLER",
@@ -39,8 +41,6 @@ __all__ = [
     "RESOLVE",
 ]
 
-#: Newest attempts an entry's history keeps (records.HISTORY_LIMIT).
-_HISTORY = 50
 #: Expired entries unindexed per journal write, at most.
 PURGE_LIMIT = 20
 
@@ -78,7 +78,7 @@ local KEY = string.sub(KEYS[1], #J - 7 + 2, -2)  -- KEYS[1] is PREFIX .. '{' .. 
 """
     + _INDEX
     + f"""
-local HISTORY = {_HISTORY}
+local HISTORY = {HISTORY_LIMIT}
 local PURGE = {PURGE_LIMIT}
 """
     + """

@@ -176,8 +176,9 @@ def test_expired_entries_leave_the_indexes_a_bounded_number_per_write(
     store = RedisStore(redis_url)
     backlog = 3 * _PURGE_LIMIT
     for i in range(backlog):
-        store.journal_ignore(_new_entry(f"old{i}", retention=2.0))
-    time.sleep(2.2)
+        # Long enough that none has expired before the last is written, on a busy machine.
+        store.journal_ignore(_new_entry(f"old{i}", retention=4.0))
+    time.sleep(4.2)
     raw = redis_server.client()
     assert store.journal_get("old0") is None  # expired on the server
     sizes = []

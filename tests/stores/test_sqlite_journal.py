@@ -356,3 +356,12 @@ def test_the_waiters_lookup_is_served_by_the_run_index(filled: SQLiteStore) -> N
     assert plans
     for plan in plans:
         assert "flymy_journal_runs (run_id=?)" in plan, plan
+
+
+@pytest.mark.parametrize("state", [None, "failed", "handled"])
+def test_lists_never_read_a_body(filled: SQLiteStore, state: str | None) -> None:
+    with _statements(filled) as seen:
+        page = filled.journal_list(state=state, limit=50)
+    assert page
+    assert all(entry.body is None and entry.body_size > 0 for entry in page)
+    assert not [sql for sql in seen if "flymy_journal_bodies" in sql or "body," in sql]
