@@ -13,6 +13,7 @@ in those stores needs no change here unless such a column must differ per entry.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ class Target:
     """One store under measurement (see the module docstring)."""
 
     store: Store
+    #: Whether targets of several sizes can be open at once (their own databases).
+    side_by_side = True
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -171,15 +174,20 @@ def _run_id_of(body: bytes) -> str:
     return str(orjson.loads(body)["data"]["run_id"])
 
 
+_CLUSTERS = contextlib.ExitStack()
+_POSTGRES: list[Any] = []
+
+
 class PostgresTarget(_CloningTarget):
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)
         from flymy_receiver.stores import PostgresStore
         from tests.postgres_server import running_postgres
 
-        self._server = contextlib.ExitStack()
-        server = self._server.enter_context(running_postgres())
-        self.url = server.create_database()
+        if not _POSTGRES:  # one throwaway cluster for the run, a database per target
+            _POSTGRES.append(_CLUSTERS.enter_context(running_postgres()))
+            atexit.register(_CLUSTERS.close)
+        self.url = _POSTGRES[0].create_database()
         self.store = PostgresStore(self.url)
         self._template()
 
@@ -243,11 +251,11 @@ class PostgresTarget(_CloningTarget):
         names, values = self._select(
             "g.i", f"{start!r}::float8", f"{step!r}::float8", f"{retention!r}::float8"
         )
-        values = values.replace("%", "%%")  # the modulo of the expressions, not a placeholder
+        values = values.replace("%", "%%")  # the modulo operator, not a placeholder
         self._sql(
             f'INSERT INTO "{schema}".{self.table} ({names}) SELECT {values} '  # noqa: S608
-            f'FROM "{schema}".{self.table} t, generate_series(%s::bigint, %s::bigint) AS g(i)'
-            ' WHERE t.key = %s',
+            f'FROM "{schema}".{self.table} t, generate_series(%s::bigint, %s::bigint) AS g(i) '
+            "WHERE t.key = %s",
             (first, first + n - 1, self.template_key),
         )
         self._sql(f'ANALYZE "{schema}".{self.table}')
@@ -256,11 +264,12 @@ class PostgresTarget(_CloningTarget):
         close = getattr(self.store, "close", None)
         if callable(close):
             close()
-        self._server.close()
 
 
 class DjangoTarget(_CloningTarget):
     """DjangoStore on SQLite (one database file for the run, emptied between sizes)."""
+
+    side_by_side = False
 
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)

@@ -11,14 +11,15 @@ store calls and handlers it is given.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from . import deferred as _deferred
 from . import telemetry as _telemetry
@@ -37,6 +38,7 @@ __all__ = [
     "AnyEvent",
     "Delivery",
     "Host",
+    "Offload",
     "arun",
     "cut",
     "log_refusal",
@@ -125,11 +127,11 @@ class _HandlerCall:
             return run_coroutine(self.handler.func(self.event))
         return self.handler.func(self.event)
 
-    async def acall(self) -> Any:
-        """Run the handler from an event loop (a sync one in a worker thread)."""
+    async def acall(self, to_thread: Offload) -> Any:
+        """Run the handler from an event loop (a sync one through ``to_thread``)."""
         if self.handler.is_async:
             return await self.handler.func(self.event)
-        return await asyncio.to_thread(self.handler.func, self.event)
+        return await to_thread(functools.partial(self.handler.func, self.event))
 
 
 _Action = _StoreCall | _HandlerCall
@@ -163,14 +165,26 @@ def run(host: Host, delivery: Delivery) -> Response:
         return response
 
 
-async def arun(host: Host, delivery: Delivery) -> Response:
+_T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """How the async driver runs one blocking call off the event loop: by default
+    ``asyncio.to_thread``; an adapter may pass its framework's own (Django's ``aview`` uses
+    ``sync_to_async``, so database connections follow Django's request lifecycle)."""
+
+    def __call__(self, func: Callable[[], _T], /) -> Awaitable[_T]: ...
+
+
+async def arun(host: Host, delivery: Delivery, offload: Offload | None = None) -> Response:
     """The async driver: awaits async handlers, runs sync handlers and blocking store calls
-    in a worker thread so the event loop never stalls.
+    in a worker thread (through ``offload``) so the event loop never stalls.
 
     A cancellation (the client went away, a timeout) at any await leaves no claim held: a
     claim acquired after it is given back by the claim's own thread (see :func:`_claimed`),
     one acquired before it is released here; the sender's retry is then served at once.
     """
+    to_thread: Offload = offload or asyncio.to_thread
     store = host.store
     offload_store = getattr(store, "blocking", True)
     if not any(h.is_async for h in delivery.handlers) and (offload_store or delivery.handlers):
@@ -178,7 +192,7 @@ async def arun(host: Host, delivery: Delivery) -> Response:
         # call and handler. A cancelled caller stops waiting; a claim not yet acquired is
         # then given back at once, one already running its handlers ends in its thread.
         try:
-            return await asyncio.to_thread(run, host, delivery)
+            return await to_thread(functools.partial(run, host, delivery))
         except BaseException:
             with _HOLD:
                 delivery.abandoned = True
@@ -189,13 +203,14 @@ async def arun(host: Host, delivery: Delivery) -> Response:
         while True:
             try:
                 if isinstance(step, _StoreCall):
-                    result = await asyncio.to_thread(step) if offload_store else step()
+                    result = await to_thread(step) if offload_store else step()
                 elif (trace := _telemetry.current()) is not None:
-                    result = await _telemetry.atraced_call(trace, step.handler.id, step.acall)
+                    call = functools.partial(step.acall, to_thread)
+                    result = await _telemetry.atraced_call(trace, step.handler.id, call)
                 elif step.handler.is_async:
                     result = await step.handler.func(step.event)
                 else:
-                    result = await asyncio.to_thread(step.handler.func, step.event)
+                    result = await to_thread(functools.partial(step.handler.func, step.event))
             except Exception as exc:  # handed to the plan, which decides
                 step = plan.throw(exc)
             else:

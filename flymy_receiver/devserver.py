@@ -25,14 +25,21 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .inspector import inspector_app
-from .inspector.access import check_bind
+from .inspector.access import check_bind, check_bound
 from .receiver import Receiver
 from .responses import Response as ReceiverResponse
 from .starlette import route
 from .stores.base import Store
 from .testing import DEFAULT_PATH
 
-__all__ = ["DEFAULT_PATH", "Report", "development_app", "development_receiver", "serve"]
+__all__ = [
+    "DEFAULT_PATH",
+    "Report",
+    "bound_socket",
+    "development_app",
+    "development_receiver",
+    "serve",
+]
 
 logger = logging.getLogger("flymy_receiver")
 
@@ -158,20 +165,12 @@ def serve(
 ) -> None:
     """Serve ``app`` with uvicorn until interrupted.
 
-    Refuses (:class:`ValueError`) a non-loopback ``host`` without ``token``; raises
-    :class:`OSError` when the address cannot be bound. ``ready(host, port)`` is called
+    Refuses (:class:`ValueError`) a non-loopback address without ``token``, decided on the
+    address actually bound (see :func:`bound_socket`); raises :class:`OSError` when the
+    address cannot be bound. ``ready(host, port)`` is called
     once the socket listens (``port=0`` picks a free one).
     """
-    check_bind(host, token)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host.strip("[]"), port))
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
+    sock = bound_socket(host, port, token)
     config = uvicorn.Config(
         app,
         log_config=None,  # the command line's own logging stays as it is
@@ -187,3 +186,26 @@ def serve(
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+
+
+def bound_socket(host: str, port: int, token: str | None) -> socket.socket:
+    """A listening socket on ``host``:``port``, refused unless loopback or given ``token``.
+
+    The name is resolved here and the decision is made on ``getsockname()``: a name that
+    reads like loopback (``dev.localhost``, an ``/etc/hosts`` entry) but resolves to another
+    address is refused without a token (:class:`ValueError`).
+    """
+    check_bind(host, token)  # an obviously public address, refused before any resolving
+    name = host.strip().removeprefix("[").removesuffix("]")
+    infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        check_bound(str(sock.getsockname()[0]), token)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -23,7 +23,7 @@ from . import deferred as _deferred
 from . import events as _events
 from . import telemetry as _telemetry
 from .awaiting import DEFAULT_TIMEOUT, Waiters
-from .delivery import AnyEvent, Delivery, arun, cut, log_refusal, run, run_id_of
+from .delivery import AnyEvent, Delivery, Offload, arun, cut, log_refusal, run, run_id_of
 from .errors import (
     ConfigurationError,
     HandlerFailed,
@@ -236,21 +236,33 @@ class Receiver(Router):
             return delivery
         return run(self, delivery)
 
-    async def ahandle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
+    async def ahandle(
+        self,
+        body: bytes,
+        headers: Headers = (),
+        method: str = "POST",
+        *,
+        offload: Offload | None = None,
+    ) -> Response:
         """The async twin of :meth:`handle`: awaits async handlers, runs sync handlers and
-        blocking store calls in a worker thread so the event loop never stalls."""
+        blocking store calls in a worker thread so the event loop never stalls.
+
+        ``offload`` runs each blocking call (default ``asyncio.to_thread``; see
+        :class:`~flymy_receiver.delivery.Offload`)."""
         trace = self._telemetry.delivery(_size(body))
         if trace is not None:
             return await self._telemetry.aobserve(
-                trace, lambda: self._ahandle(body, headers, method)
+                trace, lambda: self._ahandle(body, headers, method, offload)
             )
-        return await self._ahandle(body, headers, method)
+        return await self._ahandle(body, headers, method, offload)
 
-    async def _ahandle(self, body: bytes, headers: Headers, method: str) -> Response:
+    async def _ahandle(
+        self, body: bytes, headers: Headers, method: str, offload: Offload | None
+    ) -> Response:
         delivery = self._accept(body, headers, method)
         if isinstance(delivery, Response):
             return delivery
-        return await arun(self, delivery)
+        return await arun(self, delivery, offload)
 
     async def wait_for(
         self,

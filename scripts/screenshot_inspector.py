@@ -1,10 +1,12 @@
 """Screenshot the inspector with a few sample deliveries, from a real headless Chromium.
 
     python scripts/screenshot_inspector.py [--output docs/inspector.png] [--width 1280]
+        [--delivery-output docs/inspector-delivery.png]
 
 Starts a development server on a free 127.0.0.1 port (this script with ``--serve``, as a
 subprocess), posts realistic signed deliveries to it over HTTP (handled, failed after three
-attempts, a duplicate, an event nobody handles, and two refused requests), opens the page in
+attempts, a duplicate, an event nobody handles, and two refused requests), opens the list (and
+the failed delivery's own page: history, handlers, Replay, Resolve, Send elsewhere) in
 Debian's Chromium through its chromedriver (``CHROMIUM`` / ``CHROMEDRIVER`` override the
 paths; nothing is downloaded), saves the PNG and stops the server by its PID.
 Needs the ``inspector`` and ``test`` extras (Selenium).
@@ -142,7 +144,13 @@ def send_samples(port: int) -> None:
     deliver(run_id="run_a7c2e9f3", agent_name="Sales Lead Profiler", agent_id="agent_abc123")
 
 
-def screenshot(port: int, output: Path, width: int, height: int) -> None:
+#: The delivery shown on the second screenshot: failed after three attempts.
+FAILED_KEY = "run.completed%3Arun_c41d07aa"
+
+
+def screenshot(
+    port: int, output: Path, width: int, height: int, delivery_output: Path | None = None
+) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
@@ -180,6 +188,16 @@ def screenshot(port: int, output: Path, width: int, height: int) -> None:
             time.sleep(2)  # let the new-row highlight fade
             output.parent.mkdir(parents=True, exist_ok=True)
             driver.save_screenshot(str(output))
+            if delivery_output is not None:
+                driver.get(f"http://127.0.0.1:{port}/deliveries/{FAILED_KEY}")
+                WebDriverWait(driver, 20).until(
+                    lambda d: d.execute_script(
+                        "return document.readyState === 'complete'"
+                        " && document.getElementById('history') !== null;"
+                    )
+                )
+                delivery_output.parent.mkdir(parents=True, exist_ok=True)
+                driver.save_screenshot(str(delivery_output))
         finally:
             driver.quit()
 
@@ -189,6 +207,9 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "inspector.png")
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--height", type=int, default=860)
+    parser.add_argument(
+        "--delivery-output", type=Path, help="also screenshot a failed delivery's page here"
+    )
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
@@ -196,8 +217,10 @@ def main() -> int:
         return 0
     with sample_server() as port:
         send_samples(port)
-        screenshot(port, args.output, args.width, args.height)
-    print(f"{args.output} ({args.output.stat().st_size // 1024} KB)")
+        screenshot(port, args.output, args.width, args.height, args.delivery_output)
+    for path in (args.output, args.delivery_output):
+        if path is not None:
+            print(f"{path} ({path.stat().st_size // 1024} KB)")
     return 0
 
 

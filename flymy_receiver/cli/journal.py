@@ -1,36 +1,38 @@
-"""``flymy-receiver journal list|show|replay|refusals``: the journal from a terminal.
+"""``flymy-receiver journal ...``: the journal from a terminal (the parser and what it loads).
 
 The journal is read from ``--store URL`` or from an app's receiver (``--app
-module:receiver``, which brings its store); ``replay`` needs the app, whose handlers it runs.
-Tables are for people; ``--json`` prints the same facts for scripts. Every value that came
-from a payload is printed with its control characters escaped.
+module:receiver``, which brings its store); what runs handlers or signs (``replay``,
+``resend``, ``sweep``) needs the app. Reading commands live in :mod:`.journal_read`, the
+ones that change something in :mod:`.journal_ops`. Tables are for people (the same columns
+as ``manage.py flymy_journal``, from :mod:`flymy_receiver.tables`); ``--json`` prints the
+same facts for scripts. Every numeric or date option is checked as parsed: a bad one is one
+line on stderr and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import re
 import sys
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from ..describe import escape_controls
 from ..stores.base import JournalStore, journals
-from ..stores.records import ENTRY_STATES, JournalEntry
+from ..stores.records import ENTRY_STATES
 from ..stores.urls import redacted_url
-from .options import PROG, UsageError
+from .options import PROG, UsageError, moment, rate, span, whole
 
 if TYPE_CHECKING:
     from ..receiver import Receiver
 
-__all__ = ["add_journal_command", "load_receiver", "printable"]
+__all__ = ["add_journal_command", "journal_store", "load_receiver", "printable"]
 
-_SPAN = re.compile(r"^(\d+)([smhd])$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: ``--limit`` of the listing commands.
+MAX_LIST = 10_000
+#: ``--per-second`` of a bulk replay.
+MAX_RATE = 10_000.0
 
 
 def printable(value: object, limit: int = 200) -> str:
@@ -64,9 +66,38 @@ def load_receiver(spec: str) -> Receiver:
     return value
 
 
+def journal_store(args: argparse.Namespace, *, create: bool = False) -> JournalStore:
+    """The journal's store: the app's (``--app``) or ``--store URL``'s.
+
+    ``create=False`` (reading commands): a missing SQLite file is refused, not created.
+    """
+    if getattr(args, "app", None):
+        receiver = load_receiver(args.app)
+        if receiver.journal is None:
+            raise UsageError(f"{printable(args.app)} keeps no journal (journal=False?)")
+        return receiver.journal.store
+    if not getattr(args, "store", None):
+        raise UsageError("pass --store URL or --app MODULE:RECEIVER")
+    from ..stores import store_from_url
+    from ..stores.urls import without_credentials
+
+    try:
+        store = store_from_url(args.store, create=create)
+    except (ValueError, ImportError) as exc:
+        raise UsageError(f"--store: {without_credentials(str(exc), args.store)}") from None
+    if not journals(store):
+        raise UsageError(f"{type(store).__name__} keeps no journal")
+    return store  # type: ignore[return-value]  # checked by journals()
+
+
 def add_journal_command(commands: Any, store_help: str) -> None:
     """Add ``journal`` and its subcommands to the ``flymy-receiver`` parser."""
-    journal = commands.add_parser("journal", help="list, show and replay journaled deliveries")
+    from .journal_ops import run_replay, run_resend, run_resolve, run_sweep
+    from .journal_read import run_list, run_refusals, run_show
+
+    journal = commands.add_parser(
+        "journal", help="list, show, replay, resolve and resend journaled deliveries"
+    )
     sub = journal.add_subparsers(dest="journal_command", metavar="SUBCOMMAND")
     journal.set_defaults(run=_missing_subcommand)
 
@@ -81,35 +112,68 @@ def add_journal_command(commands: Any, store_help: str) -> None:
         )
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    limit = whole(1, MAX_LIST)
     p = sub.add_parser("list", help="journaled deliveries, newest first")
     common(p)
     p.add_argument("--state", choices=ENTRY_STATES, help="only entries in this state")
     p.add_argument("--event", help="only this event name")
-    p.add_argument("--agent-id", help="only this agent's runs")
-    p.add_argument("--since", help="only entries received since: 2h, 3d, or an ISO time")
-    p.add_argument("--limit", type=int, default=50, help="at most this many (50)")
-    p.set_defaults(run=_store_failures_in_one_line(_list))
+    p.add_argument("--agent-id", "--agent", dest="agent_id", help="only this agent's runs")
+    p.add_argument("--run-id", help="only the entries of this run id")
+    p.add_argument("--since", type=moment, help="received since: 2h, 3d, or an ISO time")
+    p.add_argument("--until", type=moment, help="received before: 2h, 3d, or an ISO time")
+    p.add_argument("--before", metavar="KEY", help="the page after this entry (the last key shown)")
+    p.add_argument("--limit", type=limit, default=50, help=f"at most this many, 1-{MAX_LIST} (50)")
+    p.set_defaults(run=store_failures_in_one_line(run_list))
 
-    p = sub.add_parser("show", help="one delivery: outcomes, tracebacks, body")
+    p = sub.add_parser("show", help="one delivery: history, handlers, tracebacks, body")
     common(p)
     p.add_argument("target", metavar="RUN_ID_OR_KEY")
     p.add_argument("--body", action="store_true", help="print the exact body too")
-    p.set_defaults(run=_store_failures_in_one_line(_show))
+    p.set_defaults(run=store_failures_in_one_line(run_show))
 
-    p = sub.add_parser("replay", help="run the handlers of entries that did not succeed")
+    p = sub.add_parser(
+        "replay", help="run the handlers of entries that did not succeed (--dry-run first)"
+    )
     common(p, app_required=True)
     p.add_argument("runs", nargs="*", metavar="RUN_ID_OR_KEY")
-    p.add_argument("--failed", action="store_true", help="replay every failed entry")
+    p.add_argument("--failed", action="store_true", help="every failed entry the filters match")
+    p.add_argument("--since", type=moment, help="with --failed: received since (2h, ISO time)")
+    p.add_argument("--until", type=moment, help="with --failed: received before (2h, ISO time)")
+    p.add_argument("--event", help="with --failed: only this event name")
+    p.add_argument("--agent", "--agent-id", dest="agent_id", help="with --failed: only this agent")
+    p.add_argument("--dry-run", action="store_true", help="print what would be replayed; exit 0")
+    p.add_argument(
+        "--per-second", type=rate(MAX_RATE), metavar="N", help="with --failed: at most N a second"
+    )
     p.add_argument("--force", action="store_true", help="run every handler again, even ok ones")
-    p.set_defaults(run=_replay)
+    p.set_defaults(run=store_failures_in_one_line(run_replay))
+
+    p = sub.add_parser("resolve", help="dismiss an entry that will never succeed (kept, noted)")
+    common(p)
+    p.add_argument("target", metavar="RUN_ID_OR_KEY")
+    p.add_argument("--note", required=True, help="why: kept with the entry")
+    p.set_defaults(run=store_failures_in_one_line(run_resolve))
+
+    p = sub.add_parser("resend", help="POST a stored delivery, signed afresh, to another URL")
+    common(p, app_required=True)
+    p.add_argument("target", metavar="RUN_ID_OR_KEY")
+    p.add_argument("--to", required=True, metavar="URL", help="where to POST it (http(s)://)")
+    p.set_defaults(run=store_failures_in_one_line(run_resend))
+
+    p = sub.add_parser("sweep", help="enqueue again the deferred handlers left queued or stalled")
+    common(p, app_required=True)
+    p.add_argument(
+        "--older-than", type=span, metavar="SPAN", help="queued longer than this: 90s, 5m (5m)"
+    )
+    p.set_defaults(run=store_failures_in_one_line(run_sweep))
 
     p = sub.add_parser("refusals", help="refused deliveries, newest first (no bodies)")
     common(p)
-    p.add_argument("--limit", type=int, default=50, help="at most this many (50)")
-    p.set_defaults(run=_store_failures_in_one_line(_refusals))
+    p.add_argument("--limit", type=limit, default=50, help=f"at most this many, 1-{MAX_LIST} (50)")
+    p.set_defaults(run=store_failures_in_one_line(run_refusals))
 
 
-def _store_failures_in_one_line(run: Callable[[argparse.Namespace], int]) -> Any:
+def store_failures_in_one_line(run: Callable[[argparse.Namespace], int]) -> Any:
     """A store that cannot be reached is one line on stderr and exit 1, never a traceback."""
 
     def guarded(args: argparse.Namespace) -> int:
@@ -129,185 +193,6 @@ def _store_failures_in_one_line(run: Callable[[argparse.Namespace], int]) -> Any
 
 
 def _missing_subcommand(args: argparse.Namespace) -> int:
-    raise UsageError("choose a journal command: list, show, replay or refusals")
-
-
-def _journal_store(args: argparse.Namespace) -> JournalStore:
-    if getattr(args, "app", None):
-        receiver = load_receiver(args.app)
-        if receiver.journal is None:
-            raise UsageError(f"{printable(args.app)} keeps no journal (journal=False?)")
-        return receiver.journal.store
-    if not getattr(args, "store", None):
-        raise UsageError("pass --store URL or --app MODULE:RECEIVER")
-    from ..stores import store_from_url
-
-    try:
-        store = store_from_url(args.store)
-    except (ValueError, ImportError) as exc:
-        raise UsageError(str(exc)) from None
-    if not journals(store):
-        raise UsageError(f"{type(store).__name__} keeps no journal")
-    return store  # type: ignore[return-value]  # checked by journals()
-
-
-def _since(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    span = _SPAN.match(text.strip())
-    if span:
-        seconds = int(span.group(1)) * _UNITS[span.group(2)]
-        return datetime.now(timezone.utc) - timedelta(seconds=min(seconds, 100 * 365 * 86400))
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"--since takes 2h, 3d or an ISO time, not {printable(text)!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def _limit(value: int) -> int:
-    if not 1 <= value <= 10_000:
-        raise UsageError("--limit must be between 1 and 10000")
-    return value
-
-
-def _list(args: argparse.Namespace) -> int:
-    store = _journal_store(args)
-    entries = store.journal_list(
-        state=args.state,
-        event=args.event,
-        agent_id=args.agent_id,
-        since=_since(args.since),
-        limit=_limit(args.limit),
+    raise UsageError(
+        "choose a journal command: list, show, replay, resolve, resend, sweep or refusals"
     )
-    if args.json:
-        print(json.dumps({"deliveries": [e.summary() for e in entries]}, indent=2))
-        return 0
-    if not entries:
-        print("no journaled deliveries")
-        return 0
-    rows = [
-        [
-            e.received_at.strftime("%Y-%m-%d %H:%M:%S"),
-            e.state,
-            printable(e.event, 40),
-            printable(e.run_id or "-", 40),
-            printable(e.agent_name or e.agent_id or "-", 30),
-            str(e.attempts),
-            _handler_summary(e),
-        ]
-        for e in entries
-    ]
-    _table(["RECEIVED (UTC)", "STATE", "EVENT", "RUN ID", "AGENT", "TRIES", "HANDLERS"], rows)
-    return 0
-
-
-def _handler_summary(entry: JournalEntry) -> str:
-    if not entry.handlers:
-        return "-"
-    ok = sum(1 for o in entry.handlers.values() if o.ok)
-    return f"{ok}/{len(entry.handlers)} ok"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        print("  ".join(cells).rstrip())
-
-
-def _show(args: argparse.Namespace) -> int:
-    store = _journal_store(args)
-    entry = store.journal_get(args.target)
-    if entry is None:
-        print(f"{PROG}: no journal entry for {printable(args.target)!r}", file=sys.stderr)
-        return 1
-    if args.json:
-        data = entry.summary()
-        data["headers"] = dict(entry.headers)
-        if args.body:
-            data["body"] = entry.body.decode("utf-8", "replace")
-        print(json.dumps(data, indent=2))
-        return 0
-    print(f"key:       {printable(entry.key)}")
-    print(f"event:     {printable(entry.event)}")
-    print(f"run id:    {printable(entry.run_id or '-')}")
-    print(f"agent:     {printable(entry.agent_name or '-')} ({printable(entry.agent_id or '-')})")
-    print(f"state:     {entry.state}")
-    print(f"attempts:  {entry.attempts}")
-    print(f"received:  {entry.received_at.isoformat()}")
-    print(f"updated:   {entry.updated_at.isoformat()}")
-    for name, value in entry.headers.items():
-        print(f"header:    {printable(name)}: {printable(value)}")
-    if not entry.handlers:
-        print("handlers:  none ran")
-    for name, outcome in entry.handlers.items():
-        status = "ok" if outcome.ok else f"FAILED: {printable(outcome.error or '?', 500)}"
-        print(f"handler:   {printable(name)}: {status}")
-        if outcome.traceback and not outcome.ok:
-            for line in outcome.traceback.rstrip().splitlines()[-40:]:
-                print(f"    {printable(line, 500)}")
-    if args.body:
-        print("body:")
-        print(printable(entry.body.decode("utf-8", "replace"), 1_000_000).replace("\\x0a", "\n"))
-    return 0
-
-
-def _replay(args: argparse.Namespace) -> int:
-    from ..errors import EventInFlight, StoreUnavailable
-
-    if not args.runs and not args.failed:
-        raise UsageError("name the runs to replay, or pass --failed")
-    receiver = load_receiver(args.app)
-    journal = receiver.journal
-    if journal is None:
-        raise UsageError(f"{printable(args.app)} keeps no journal (journal=False?)")
-    results: list[dict[str, Any]] = []
-    failed = False
-    try:
-        entries = journal.replay_failed() if args.failed else []
-        results.extend({"key": e.key, "run_id": e.run_id, "state": e.state} for e in entries)
-        for run in args.runs:
-            try:
-                entry = journal.replay(run, force=args.force)
-            except KeyError:
-                results.append({"key": run, "state": "unknown"})
-                continue
-            except EventInFlight:
-                results.append({"key": run, "state": "in flight (a delivery holds it)"})
-                continue
-            results.append({"key": entry.key, "run_id": entry.run_id, "state": entry.state})
-    except StoreUnavailable as exc:
-        print(f"{PROG}: error: the store failed: {printable(exc)}", file=sys.stderr)
-        return 1
-    failed = any(r["state"] != "handled" for r in results)
-    if args.json:
-        print(json.dumps({"replayed": results}, indent=2))
-    elif not results:
-        print("nothing to replay")
-    else:
-        for r in results:
-            print(f"{printable(r.get('run_id') or r['key'])}: {r['state']}")
-    return 1 if failed else 0
-
-
-def _refusals(args: argparse.Namespace) -> int:
-    store = _journal_store(args)
-    refusals = store.refusals(_limit(args.limit))
-    if args.json:
-        print(json.dumps({"refusals": [r.to_dict() for r in refusals]}, indent=2))
-        return 0
-    if not refusals:
-        print("no refusals recorded")
-        return 0
-    rows = [
-        [
-            r.at.strftime("%Y-%m-%d %H:%M:%S"),
-            str(r.status),
-            printable(r.reason, 40),
-            printable(r.detail, 120),
-        ]
-        for r in refusals
-    ]
-    _table(["AT (UTC)", "STATUS", "REASON", "HINT"], rows)
-    return 0

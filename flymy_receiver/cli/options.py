@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import NoReturn
 
 from ..describe import escape_controls
@@ -19,10 +21,14 @@ __all__ = [
     "Parser",
     "UsageError",
     "is_utf8",
+    "moment",
     "one_line",
+    "rate",
     "seconds",
     "secret_keys",
+    "span",
     "stdin_bytes",
+    "whole",
 ]
 
 PROG = "flymy-receiver"
@@ -60,6 +66,84 @@ def seconds(*, low: float, high: float, zero: bool) -> Callable[[str], float]:
         return value
 
     return parse
+
+
+def whole(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], written plainly (digits only).
+
+    The number checked is the number used: ``0100`` is 100, and a string of 40 digits is
+    refused as out of range before it is ever converted.
+    """
+
+    def parse(text: str) -> int:
+        digits = text.strip()
+        if not (digits.isascii() and digits.isdigit()):
+            raise argparse.ArgumentTypeError(f"not a whole number: {escape_controls(text[:40])!r}")
+        significant = digits.lstrip("0") or "0"
+        value = int(significant) if len(significant) <= 18 else high + 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}")
+        return value
+
+    return parse
+
+
+def rate(high: float) -> Callable[[str], float]:
+    """An argparse type: a finite positive number up to ``high`` (events per second)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a number: {escape_controls(text[:40])!r}"
+            ) from None
+        if not (math.isfinite(value) and 0 < value <= high):
+            raise argparse.ArgumentTypeError(f"must be more than 0 and at most {high:g}")
+        return value
+
+    return parse
+
+
+_SPAN = re.compile(r"(\d{1,9})([smhd])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: Longer spans are refused: nothing is kept for a century.
+_LONGEST_S = 100 * 365 * 86400
+
+
+def span(text: str) -> timedelta:
+    """An argparse type: a duration written ``90s``, ``5m``, ``12h`` or ``7d``."""
+    match = _SPAN.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"takes a duration like 90s, 5m, 12h or 7d, not {escape_controls(text[:40])!r}"
+        )
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > _LONGEST_S:
+        raise argparse.ArgumentTypeError("must be at most 100 years")
+    return timedelta(seconds=seconds)
+
+
+def moment(text: str) -> datetime:
+    """An argparse type: a time, as an ISO 8601 time (no offset: UTC) or a span ago (``2h``).
+
+    Always an aware UTC datetime.
+    """
+    if _SPAN.fullmatch(text.strip()):
+        return datetime.now(timezone.utc) - span(text)
+    try:
+        value = datetime.fromisoformat(text.strip()[:64].replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"takes 2h, 3d or an ISO time (2026-01-31, 2026-01-31T12:00:00Z), "
+            f"not {escape_controls(text[:40])!r}"
+        ) from None
+    try:
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).astimezone(
+            timezone.utc
+        )
+    except OverflowError:  # year 1 with a positive offset
+        raise argparse.ArgumentTypeError("is out of range") from None
 
 
 def secret_keys(secret: str | list[str] | None) -> tuple[bytes, ...]:

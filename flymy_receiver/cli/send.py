@@ -14,7 +14,7 @@ from ..errors import MalformedEvent, WebhookError
 from ..signature import SIGNATURE_HEADER, sign
 from .options import PROG, UsageError, one_line, secret_keys
 
-__all__ = ["MAX_COUNT", "run_send"]
+__all__ = ["MAX_COUNT", "run_send", "wrong_path_hint"]
 
 MAX_COUNT = 100_000
 
@@ -28,6 +28,7 @@ def run_send(args: argparse.Namespace) -> int:
     key = secret_keys(args.secret)[0]
     fields = _event_fields(args)
     failures = 0
+    hinted: set[str] = set()
     for number in range(1, args.count + 1):
         try:
             event = make_event(args.event, **fields)
@@ -44,7 +45,7 @@ def run_send(args: argparse.Namespace) -> int:
         }
         label = escape_controls(f"{number}/{args.count} {args.event} {_event_run_id(event)}")
         try:
-            status, reason, answer = _post(target, body, headers, args.timeout)
+            status, reason, answer, location = _post(target, body, headers, args.timeout)
         except (OSError, http.client.HTTPException) as exc:
             print(f"{label} -> error: {exc or type(exc).__name__}", flush=True)
             print(f"{PROG}: cannot deliver to {args.url}", file=sys.stderr)
@@ -53,6 +54,10 @@ def run_send(args: argparse.Namespace) -> int:
         print(f"{label} -> {status} {reason} {one_line(answer)}", flush=True)
         if not 200 <= status < 300:
             failures += 1
+            hint = wrong_path_hint(status, answer, location, target.path)
+            if hint and hint not in hinted:
+                hinted.add(hint)
+                print(f"{PROG}: hint: {hint}", file=sys.stderr)
     if failures:
         print(
             f"{PROG}: {failures} of {args.count} deliveries were not acknowledged", file=sys.stderr
@@ -127,7 +132,7 @@ def _target(text: str) -> _Target:
 
 def _post(
     target: _Target, body: bytes, headers: dict[str, str], timeout: float
-) -> tuple[int, str, bytes]:
+) -> tuple[int, str, bytes, str]:
     connection_class = (
         http.client.HTTPSConnection if target.scheme == "https" else http.client.HTTPConnection
     )
@@ -135,9 +140,48 @@ def _post(
     try:
         connection.request("POST", target.path, body=body, headers=headers)
         response = connection.getresponse()
-        return response.status, response.reason, response.read(64 * 1024)
+        location = response.getheader("Location") or ""
+        return response.status, response.reason, response.read(64 * 1024), location
     finally:
         connection.close()
+
+
+#: The receiver's own answers start like this: a status it chose, not a wrong address.
+_RECEIVER_ANSWER = b'{"error":'
+
+
+def wrong_path_hint(status: int, answer: bytes, location: str, path: str) -> str:
+    """What a non-2xx answer likely means about the URL given to ``send`` ("" if nothing).
+
+    The receiver's own refusals are JSON it chose; a 404, a redirect, a 405 or an HTML 500
+    usually mean the request never reached it: a wrong path, a missing trailing slash
+    (Django's ``APPEND_SLASH`` redirects, or fails on a POST in DEBUG).
+    """
+    if answer.lstrip().startswith(_RECEIVER_ANSWER):
+        return ""
+    shown = escape_controls(path[:200])
+    if status == 404:
+        return (
+            f"nothing answers at {shown}: check the path your app mounts the receiver on "
+            "(listen serves /webhooks/flymy), and whether it ends with a slash"
+        )
+    if status in (301, 302, 303, 307, 308):
+        where = escape_controls(location[:200]) or "elsewhere"
+        slash = location.split("?")[0].endswith("/") and not path.split("?")[0].endswith("/")
+        why = (
+            "the URL likely needs its trailing slash (Django's APPEND_SLASH redirects there)"
+            if slash
+            else "the server redirects (http to https, or another path)"
+        )
+        return f"{status} to {where}: {why}; send to the URL it points to"
+    if status == 405:
+        return f"{shown} does not take POST: is it the receiver's path?"
+    if status == 500:
+        return (
+            "the server failed before the receiver answered; with Django, a RuntimeError "
+            "about APPEND_SLASH in its log means the URL lacks its trailing slash"
+        )
+    return ""
 
 
 def _event_run_id(event: Any) -> str:

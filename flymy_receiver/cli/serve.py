@@ -58,18 +58,19 @@ def run_inspect(args: argparse.Namespace) -> int:
     if not args.store and not args.app:
         raise UsageError("give --store URL, --app MODULE:RECEIVER, or both")
     devserver = _devserver()
-    from ..inspector import inspector_app, receiver_over
+    from ..inspector import inspector_app
     from ..stores.base import journals
     from ..stores.urls import redacted_url
 
     token = _token(args)
-    store = _store(args.store) if args.store else None
+    # Inspecting reads an existing journal: a missing SQLite file is refused, not created.
+    store = _store(args.store, create=False) if args.store else None
     receiver = None
     try:
         if args.app:
             receiver = load_receiver(args.app)
             if store is not None:
-                receiver = receiver_over(receiver, store)
+                receiver = receiver.with_store(store)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if receiver is not None and receiver.journal is None:
@@ -106,12 +107,12 @@ def _token(args: argparse.Namespace) -> str | None:
     return token
 
 
-def _store(url: str) -> Any:
+def _store(url: str, *, create: bool = True) -> Any:
     from ..stores import store_from_url
     from ..stores.urls import without_credentials
 
     try:
-        return store_from_url(url)
+        return store_from_url(url, create=create)
     except (ValueError, ImportError) as exc:
         raise UsageError(f"--store: {without_credentials(str(exc), url)}") from None
 

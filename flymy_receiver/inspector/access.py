@@ -3,12 +3,19 @@
 The inspector shows every delivery's body and can replay handlers, so it is guarded like a
 local admin page:
 
-- Without a token it serves only loopback (:func:`check_bind` refuses another address at
-  start) and only requests whose ``Host`` is a loopback name, so that a web page using DNS
-  rebinding cannot read it through the browser.
+- Without a token it serves only loopback: the decision is made on the address the socket
+  is actually bound to (:func:`check_bound`, from ``getsockname()``), never on a name, since
+  ``*.localhost`` or an ``/etc/hosts`` entry may resolve elsewhere (:func:`check_bind` only
+  refuses an obviously public address early). It also answers only requests whose ``Host``
+  is a loopback name, so that a web page using DNS rebinding cannot read it through the
+  browser. That Host check protects against browsers only: any other program on the machine
+  can send any ``Host`` it likes, which is why the bind decides.
 - With a token, every page, asset and API call needs it: ``?token=`` once (answered with a
-  cookie and a redirect that drops it from the address bar), the cookie, or an
-  ``Authorization: Bearer`` / ``X-Inspector-Token`` header.
+  session cookie and a redirect that drops it from the address bar), the cookie, or an
+  ``Authorization: Bearer`` / ``X-Inspector-Token`` header. The cookie never holds the
+  token: it holds a session value derived from the token and this server instance (an HMAC
+  with a random per-process key), under a name that includes the port (cookies reach every
+  port of a host), ``Secure`` and ``__Host-`` prefixed when served over HTTPS.
 - A request that changes something (``POST``) must come from the inspector's own origin
   (``Sec-Fetch-Site``, ``Origin``) and carry the page's CSRF token (checked by the view).
 - Every answer carries a strict Content-Security-Policy: scripts and styles only from the
@@ -35,6 +42,7 @@ __all__ = [
     "TOKEN_ENV_VAR",
     "AccessGuard",
     "check_bind",
+    "check_bound",
     "check_token",
     "is_loopback",
     "new_csrf_token",
@@ -44,7 +52,9 @@ __all__ = [
 #: The environment variable ``listen`` and ``inspect`` read the access token from (a token
 #: given as ``--token`` is visible to other users of the machine in the process list).
 TOKEN_ENV_VAR = "FLYMY_INSPECTOR_TOKEN"  # noqa: S105 - a variable name, not a secret
-TOKEN_COOKIE = "flymy_inspector_token"  # noqa: S105 - a cookie name, not a secret
+#: The session cookie's name; the port follows it (``flymy_inspector_8001``), and under
+#: HTTPS it carries the ``__Host-`` prefix.
+TOKEN_COOKIE = "flymy_inspector"  # noqa: S105 - a cookie name, not a secret
 TOKEN_MIN_LENGTH = 16
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")
 
@@ -103,6 +113,26 @@ def check_bind(host: str, token: str | None) -> None:
         )
 
 
+def check_bound(address: str, token: str | None) -> None:
+    """Refuse a socket bound (``getsockname()[0]``) to a non-loopback address without a token.
+
+    The bind check that counts: a name such as ``dev.localhost`` is checked by what it
+    resolved to, not by how it reads.
+    """
+    if token is not None:
+        return
+    try:
+        loopback = ipaddress.ip_address(address.partition("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            f"refusing to serve on {address[:100]!r} without an access token: that address "
+            "is not loopback (the host name given resolved to it); bind 127.0.0.1, or pass "
+            f"--token (or set {TOKEN_ENV_VAR})"
+        )
+
+
 def same_token(given: str | None, expected: str) -> bool:
     """Constant-time comparison of a presented token with the expected one."""
     if not given:
@@ -123,6 +153,14 @@ class AccessGuard:
             check_token(token)
         self.app = app
         self.token = token
+        # The session value is derived from the token and this instance, never the token.
+        self._session = (
+            hmac.new(
+                token.encode(), b"flymy-inspector-session:" + secrets.token_bytes(32), "sha256"
+            ).hexdigest()
+            if token is not None
+            else ""
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -145,7 +183,7 @@ class AccessGuard:
 
     def _refusal(self, request: Request) -> Response | None:
         host = request.headers.get("host", "")
-        if self.token is None and not is_loopback(_hostname(host)):
+        if self.token is None and not is_loopback(host_name(host)):
             return _refuse(
                 request,
                 403,
@@ -172,35 +210,55 @@ class AccessGuard:
     def _authorised(self, request: Request) -> bool:
         assert self.token is not None
         bearer = request.headers.get("authorization", "")
+        if same_token(request.cookies.get(cookie_name(request)), self._session):
+            return True
         candidates = (
-            request.cookies.get(TOKEN_COOKIE),
             request.headers.get("x-inspector-token"),
             bearer[7:].strip() if bearer[:7].lower() == "bearer " else None,
         )
         return any(same_token(candidate, self.token) for candidate in candidates)
 
     def _accept_token(self, request: Request) -> Response:
-        # The token goes into an HttpOnly cookie and out of the address bar and history.
+        # A session value goes into an HttpOnly cookie; the token leaves the address bar.
         assert self.token is not None
         target = URL(str(request.url)).remove_query_params("token")
         location = target.path + (f"?{target.query}" if target.query else "")
         response = RedirectResponse(location or "/", status_code=303)
+        secure = request.url.scheme == "https"
         response.set_cookie(
-            TOKEN_COOKIE,
-            self.token,
+            cookie_name(request),
+            self._session,
             httponly=True,
             samesite="strict",
-            path=request.scope.get("root_path") or "/",
+            secure=secure,
+            # __Host- cookies must have Path=/ (and no Domain, which is never set here).
+            path="/" if secure else (request.scope.get("root_path") or "/"),
         )
         return response
 
 
-def _hostname(host_header: str) -> str:
-    """The name in a ``Host`` header, without its port (``[::1]:8000`` -> ``::1``)."""
-    host = host_header.strip()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+def cookie_name(request: Request) -> str:
+    """The session cookie's name for this server: per port, ``__Host-`` under HTTPS."""
+    server = request.scope.get("server") or (None, None)
+    port = server[1] if server[1] is not None else request.url.port
+    name = f"{TOKEN_COOKIE}_{port or 0}"
+    return f"__Host-{name}" if request.url.scheme == "https" else name
+
+
+#: A Host header as RFC 9110 allows it: a name or an address, then an optional port.
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]*)(:[0-9]{0,5})?")
+
+
+def host_name(host_header: str) -> str:
+    """The name in a ``Host`` header, without its port (``[::1]:8000`` -> ``::1``).
+
+    Anything that is not a plain host and port (``localhost:80@evil.com``, a path, a space)
+    gives ``""``, which no check takes for loopback.
+    """
+    match = _HOST.fullmatch(host_header.strip())
+    if match is None:
+        return ""
+    return match.group(1).removeprefix("[").removesuffix("]")
 
 
 def _same_origin(request: Request) -> bool:

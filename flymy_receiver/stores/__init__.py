@@ -7,13 +7,15 @@ machine; ``RedisStore`` and ``PostgresStore`` many machines. All follow the cont
 
 from __future__ import annotations
 
+import inspect
+import os
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from .base import Claim, ClaimState, JournalStore, Store
 from .memory import MemoryStore
 from .records import HandlerOutcome, JournalEntry, NewEntry, Refusal
-from .urls import redacted_url
+from .urls import malformed_hint, redacted_url
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore
@@ -56,7 +58,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def store_from_url(url: str) -> Store:
+def store_from_url(url: str, *, create: bool = True) -> Store:
     """Build a store from a URL, for configuration by environment variable.
 
     ``memory://`` -> :class:`MemoryStore`; ``sqlite:///relative/path.sqlite3`` or
@@ -65,12 +67,20 @@ def store_from_url(url: str) -> Store:
     -> :class:`PostgresStore`. A URL that cannot be used is a
     :class:`~flymy_receiver.errors.ConfigurationError` (a ``ValueError``) whose message shows
     the URL through :func:`redacted_url`, never its password.
+
+    ``create=False`` is for tools that only read (``journal list``, ``inspect``): a SQLite
+    file that does not exist is refused instead of created, and the stores that can are
+    asked not to create their tables.
     """
     if not isinstance(url, str):
         raise ConfigurationError(f"a store URL must be a string, not {type(url).__name__}")
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ConfigurationError(f"not a store URL (expected scheme://...): {redacted_url(url)!r}")
+        hint = malformed_hint(url)
+        raise ConfigurationError(
+            f"not a store URL (expected scheme://...): {redacted_url(url)!r}"
+            + (f"; {hint}" if hint else "")
+        )
     scheme = scheme.lower()
     if scheme == "memory":
         return MemoryStore()
@@ -80,7 +90,13 @@ def store_from_url(url: str) -> Store:
         path = rest[1:] if rest.startswith("/") else rest
         if not path:
             raise ConfigurationError("sqlite store URL needs a path: sqlite:///deliveries.sqlite3")
-        return SQLiteStore(path)
+        if not create and not os.path.isfile(path):
+            raise ConfigurationError(
+                f"no SQLite database at {path[:200]!r} (relative to {os.getcwd()[:200]!r}): "
+                "nothing to read, and a read-only command creates nothing; check the path "
+                "(sqlite:///relative.sqlite3, sqlite:////absolute.sqlite3)"
+            )
+        return SQLiteStore(path, **_create_option(SQLiteStore, create))
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
 
@@ -88,8 +104,16 @@ def store_from_url(url: str) -> Store:
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore
 
-        return PostgresStore(f"{scheme}://{rest}")  # libpq knows the scheme in lower case
+        # libpq knows the scheme in lower case
+        return PostgresStore(f"{scheme}://{rest}", **_create_option(PostgresStore, create))
     raise ConfigurationError(
         f"unknown store scheme {scheme[:20]!r} in {redacted_url(url)!r}: "
         "use memory://, sqlite:///, redis:// or postgresql://"
     )
+
+
+def _create_option(store_class: type, create: bool) -> dict[str, Any]:
+    # Stores grow a ``create`` option (tables, files) one by one: pass it where it exists.
+    if create or "create" not in inspect.signature(store_class).parameters:
+        return {}
+    return {"create": False}

@@ -2,8 +2,12 @@
 
 A store URL often carries a password (``redis://:hunter2@cache:6379/0``), and the URLs that
 need showing are the malformed ones, which a URL parser cannot be trusted to split. So the
-redaction assumes nothing: everything before the last ``@`` of the part after ``://`` is
-credentials, and so is the value of any query parameter whose name looks like one.
+redaction assumes little: the password is everything between the first ``:`` and the last
+``@`` of the part after the scheme (the user name before it stays, as it helps find the
+mistake), and so is the value of any query parameter whose name looks like one. Only the
+password is hidden: ``sqlite:deliveries.sqlite3`` or ``redis//localhost:6379`` (a scheme
+missing its ``//`` or its ``:``) are shown as written, and :func:`malformed_hint` says what
+is wrong with them.
 """
 
 from __future__ import annotations
@@ -11,12 +15,17 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-__all__ = ["redacted_url", "without_credentials"]
+__all__ = ["STORE_SCHEMES", "malformed_hint", "redacted_url", "without_credentials"]
 
 #: What replaces a credential.
 MASK = "***"
 #: Longer URLs are cut (after redaction): an error message needs the shape, not the whole.
 MAX_SHOWN = 120
+
+#: The schemes :func:`~flymy_receiver.stores.store_from_url` knows.
+STORE_SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix", "postgresql", "postgres")
+#: A known scheme whose separator is mistyped: ``sqlite:x``, ``redis//h``, ``redis:/h``.
+_MISTYPED_SCHEME = re.compile(rf"(?i)^({'|'.join(STORE_SCHEMES)})(:/?(?!/)|//|:///+)")
 
 _SECRET_PARAM = re.compile(
     r"(?i)([?&;][^=&;#]*(?:pass|pwd|secret|token|auth|key|cred)[^=&;#]*=)[^&;#]*"
@@ -24,18 +33,25 @@ _SECRET_PARAM = re.compile(
 
 
 def redacted_url(url: object) -> str:
-    """``url`` with any password (and user name) replaced by ``***``, safe to show.
+    """``url`` with its password replaced by ``***``, safe to show; nothing else hidden.
 
     Works on malformed URLs too: ``redis://:pw`` missing its host, a password with an
-    unescaped ``/`` or ``@``, no scheme at all (``:pw@host``).
+    unescaped ``/`` or ``@``, no scheme at all (``:pw@host``), a mistyped separator
+    (``redis//:pw@host``).
     """
     text = url if isinstance(url, str) else repr(url)
     scheme, sep, rest = text.partition("://")
     if not sep:
-        scheme, rest = "", text
+        mistyped = _MISTYPED_SCHEME.match(text)
+        if mistyped:
+            scheme, sep, rest = mistyped.group(1), mistyped.group(2), text[mistyped.end() :]
+        else:
+            scheme, rest = "", text
     at = rest.rfind("@")
     if at >= 0:
-        rest = f"{MASK}@{rest[at + 1 :]}"
+        user, colon, _ = rest[:at].partition(":")
+        # "user:password@": the user stays; a lone "token@" may be a password: hidden.
+        rest = f"{user}:{MASK}@{rest[at + 1 :]}" if colon and user else f"{MASK}@{rest[at + 1 :]}"
     elif not sep and ":" in rest:
         # No scheme and no "@": "host:port" or a bare "user:password"; show neither half.
         rest = f"{rest.partition(':')[0][:40]}:{MASK}"
@@ -47,6 +63,22 @@ def redacted_url(url: object) -> str:
     if len(shown) > MAX_SHOWN:
         shown = shown[: MAX_SHOWN - 3] + "..."
     return "".join(c if c.isprintable() else "?" for c in shown)
+
+
+def malformed_hint(url: str) -> str:
+    """What is likely wrong with a store URL that has no ``scheme://``: "" when unsure.
+
+    ``sqlite:deliveries.sqlite3`` -> ``did you mean sqlite:///deliveries.sqlite3?`` (built
+    from the redacted URL, so a password never shows here either).
+    """
+    mistyped = _MISTYPED_SCHEME.match(url)
+    if not mistyped or "://" in url:
+        return ""
+    scheme = mistyped.group(1).lower()
+    rest = redacted_url(url)[len(mistyped.group(0)) :]
+    if scheme == "sqlite":
+        return f"did you mean sqlite:///{rest.lstrip('/')}?"
+    return f"did you mean {scheme}://{rest.lstrip('/')}?"
 
 
 def _plain_authority(rest: str) -> bool:

@@ -230,3 +230,60 @@ def test_a_process_killed_right_after_the_commit_never_runs_it_again(
     assert entry is not None
     assert entry.state == "handled"
     assert entry.attempts == 2
+
+
+# -- a transaction that cannot commit says why (issue 22) -----------------------------------
+
+
+def test_a_handler_that_leaves_the_transaction_rollback_only_is_journaled_as_such(
+    alias: str,
+) -> None:
+    from django.db import transaction
+
+    receiver = _receiver(alias)
+
+    @receiver.on("run.completed", atomic=True)
+    def save(event: RunCompleted) -> None:
+        insert_lead(alias, event.data.run_id)
+        transaction.set_rollback(True, using=alias)  # as a caught database error would
+
+    body, headers = request_for("run_rollback_only")
+    assert receiver.handle(body, headers).status == 500
+    assert leads(alias) == []
+    entry = receiver.journal.get("run_rollback_only") if receiver.journal else None
+    assert entry is not None
+    assert entry.state == "failed"
+    [outcome] = entry.handlers.values()
+    assert outcome.error is not None
+    assert outcome.error.startswith("StoreUnavailable: the transaction was marked rollback-only")
+
+
+def test_a_commit_that_fails_is_journaled_as_such(alias: str) -> None:
+    from django.db import connections
+
+    with connections[alias].cursor() as cursor:
+        cursor.execute("DROP TABLE IF EXISTS flymy_test_child")
+        cursor.execute("DROP TABLE IF EXISTS flymy_test_parent")
+        cursor.execute("CREATE TABLE flymy_test_parent (id INTEGER PRIMARY KEY)")
+        cursor.execute(
+            "CREATE TABLE flymy_test_child (parent_id INTEGER REFERENCES flymy_test_parent (id)"
+            " DEFERRABLE INITIALLY DEFERRED)"
+        )
+    receiver = _receiver(alias)
+
+    @receiver.on("run.completed", atomic=True)
+    def save(event: RunCompleted) -> None:
+        insert_lead(alias, event.data.run_id)
+        with connections[alias].cursor() as cursor:  # checked only at COMMIT
+            cursor.execute("INSERT INTO flymy_test_child (parent_id) VALUES (42)")
+
+    body, headers = request_for("run_commit_fails")
+    assert receiver.handle(body, headers).status == 500
+    assert leads(alias) == []
+    entry = receiver.journal.get("run_commit_fails") if receiver.journal else None
+    assert entry is not None
+    assert entry.state == "failed"
+    [outcome] = entry.handlers.values()
+    assert outcome.error is not None
+    assert outcome.error.startswith("StoreUnavailable: commit failed"), outcome.error
+    assert "IntegrityError" in outcome.error

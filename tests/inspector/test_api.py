@@ -64,6 +64,16 @@ def test_filters_are_query_parameters(receiver: Receiver, crm: Crm, client: Any)
         ({"limit": "-3"}, "limit must be"),
         ({"limit": "9" * 50}, "limit must be"),
         ({"limit": "ten"}, "limit must be"),
+        # The value checked is the value used: no leading zeros, nothing past the cap.
+        ({"limit": "000100999999"}, "limit must be"),
+        ({"limit": "0100"}, "limit must be"),
+        ({"limit": "1001"}, "limit must be"),
+        ({"limit": "1" * 5000}, "limit must be"),
+        ({"limit": "\uff11\uff10\uff10"}, "limit must be"),  # fullwidth digits: isdigit() says yes
+        ({"since": "9999-12-31T23:59:59-23:59"}, "since must be an ISO 8601 time"),
+        ({"until": "0001-01-01T00:00:00+23:59"}, "until must be an ISO 8601 time"),
+        ({"run_id": "r" * 500}, "run_id is longer"),
+        ({"before": "k" * 500}, "before is longer"),
         ({"since": "yesterday"}, "since must be an ISO 8601 time"),
         ({"event": "x" * 500}, "event is longer"),
     ],

@@ -175,7 +175,8 @@ def test_replay_runs_the_fixed_handler_and_the_state_turns_handled(
     replay = browser.find_element(By.XPATH, "//button[normalize-space()='Replay']")
     replay.send_keys(Keys.ENTER)  # a real button: the keyboard works
     notice = "var n = document.querySelector('.notice'); return n ? n.textContent : null;"
-    wait_for(browser, lambda b: b.execute_script(notice) == "Replayed.", "no replay notice")
+    said = "Replayed: every handler succeeded; the delivery is handled."
+    wait_for(browser, lambda b: b.execute_script(notice) == said, "no replay notice")
     _wait_for_detail(browser, "run.completed:run_browser_replay")
     assert browser.find_element(By.ID, "state").text == "handled"
     handler = browser.find_element(By.CSS_SELECTOR, ".handler")

@@ -135,7 +135,7 @@ def test_inspect_prints_the_store_url_without_its_password(tmp_path: Path) -> No
             stop(proc)
     output = log.read_text(errors="replace")
     assert "hunter2" not in output
-    assert "redis://***@127.0.0.1" in output or "keeps no delivery journal" in output, output
+    assert "redis://reader:***@127.0.0.1" in output or "keeps no delivery journal" in output, output
 
 
 def test_a_missing_extra_names_the_extra_to_install() -> None:
@@ -305,13 +305,12 @@ def test_inspect_a_shared_store_read_only_then_replay_with_the_app(
 ) -> None:
     # Production: the app's workers journal in PostgreSQL; the operator inspects it from
     # another process, first read-only, then with the app's handlers to replay the fix.
-    from flymy_receiver.inspector import receiver_over
     from flymy_receiver.stores import PostgresStore
 
     monkeypatch.delenv("SAMPLE_APP_FIX", raising=False)  # not fixed in this process
     store = PostgresStore(postgres_url)
     try:
-        app = receiver_over(sample_app.receiver, store)
+        app = sample_app.receiver.with_store(store)
         event = make_event("run.completed", run_id="run_pg", agent_name="Broken Agent")
         request = signed_request(event, sample_app.SECRET)
         assert app.handle(request.body, request.headers).status == 500

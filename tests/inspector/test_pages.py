@@ -69,7 +69,8 @@ def test_replay_through_the_form_runs_the_fixed_handler(
     answer = _post(client, "/replay", {"key": "run.completed:run_fixme"})
     assert answer.status_code == 303
     page = client.get(answer.headers["location"])
-    assert "Replayed." in page.text
+    assert "Replayed: every handler succeeded; the delivery is handled." in page.text
+    assert 'class="notice"' in page.text
     assert 'state-handled" id="state">handled<' in page.text
     assert crm.saved == ["run_fixme"]
     # A replay is not a delivery: attempts stay as the sender made them.
@@ -86,7 +87,15 @@ def test_replay_that_fails_again_stays_failed(receiver: Receiver, crm: Crm, clie
     deliver(receiver, run_id="run_still_down")
     answer = _post(client, "/replay", {"key": "run_still_down"})
     assert answer.status_code == 303
+    assert answer.headers["location"].endswith("?notice=replay-failed")
     assert client.get("/api/deliveries/run_still_down").json()["state"] == "failed"
+    # Said as a problem, with the error: never "Replayed." in green.
+    page = client.get(answer.headers["location"]).text
+    assert (
+        '<p class="problem" id="notice" role="status">Replayed, but it still failed: '
+        "RuntimeError: the CRM refused the profile</p>"
+    ) in page
+    assert "Replayed:" not in page
 
 
 def test_replay_of_an_unknown_key_is_404(client: Any) -> None:

@@ -471,3 +471,56 @@ def test_the_settling_scripts_publish_the_run_id(redis_server: RedisServer, redi
     finally:
         subscription.close()
         store.client.close()
+
+
+def test_a_deferred_delivery_through_the_receiver_on_redis(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """Acknowledged once journaled (2 round trips, counted through the proxy); the worker's
+    run takes the handler's lease, reads the stored body and makes the entry handled."""
+    from collections.abc import Mapping
+
+    from benchmarks.latency_proxy import LatencyProxy
+    from flymy_receiver import Receiver
+    from flymy_receiver.testing import make_event, signed_request
+    from tests.conftest import SECRET
+
+    class Jobs:
+        def __init__(self) -> None:
+            self.jobs: list[tuple[str, str]] = []
+
+        def bind(self, receiver: Receiver) -> None:
+            pass
+
+        def enqueue(self, key: str, handler_id: str, context: Mapping[str, str]) -> None:
+            self.jobs.append((key, handler_id))
+
+    with LatencyProxy("127.0.0.1", redis_server.port) as proxy:
+        jobs = Jobs()
+        store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0")
+        receiver = Receiver(SECRET, store=store, queue=jobs)
+        ran: list[str] = []
+        receiver.on("run.completed", name="later", defer=True)(
+            lambda event: ran.append(event.data.run_id)
+        )
+        warm = signed_request(make_event("run.completed", run_id="run_warm"), SECRET)
+        assert receiver.handle(warm.body, warm.headers).status == 200
+        req = signed_request(make_event("run.completed", run_id="run_1"), SECRET)
+        proxy.reset()
+        response = receiver.handle(req.body, req.headers)
+        assert (response.status, proxy.bursts) == (200, 2)
+        assert b'"deferred":1' in response.body
+        assert ran == []
+        key, handler_id = jobs.jobs[-1]
+        entry = store.journal_get("run_1")
+        assert entry is not None
+        assert entry.state == "queued"
+        assert receiver.run_deferred(key, handler_id) == "ok"
+        assert ran == ["run_1"]
+        done = store.journal_get("run_1")
+        assert done is not None
+        assert done.state == "handled"
+        assert done.handlers[handler_id].state == "ok"
+        assert [a.source for a in done.history] == ["sender", "worker"]
+        assert receiver.run_deferred(key, handler_id) == "done"
+        store.client.close()

@@ -36,8 +36,9 @@ MALFORMED = [
     ("url", "shown"),
     [
         ("redis://:pw@cache:6379/0", "redis://***@cache:6379/0"),
-        ("redis://user:pw@cache/0", "redis://***@cache/0"),
-        ("rediss://u:p@ss/w@rd@h:1/0", "rediss://***@h:1/0"),  # an unescaped "@" or "/"
+        ("redis://user:pw@cache/0", "redis://user:***@cache/0"),  # only the password hidden
+        ("rediss://u:p@ss/w@rd@h:1/0", "rediss://u:***@h:1/0"),  # an unescaped "@" or "/"
+        ("redis://tok@cache/0", "redis://***@cache/0"),  # a lone user part may be a token
         ("redis://:pw", "redis://:***"),
         ("redis://cache:pw", "redis://cache:***"),
         ("pw@cache", "***@cache"),
@@ -48,6 +49,12 @@ MALFORMED = [
         ("redis://[::1]:6379/0", "redis://[::1]:6379/0"),
         ("sqlite:///deliveries.sqlite3", "sqlite:///deliveries.sqlite3"),
         ("memory://", "memory://"),
+        # A mistyped scheme separator hides nothing but a password: the mistake shows.
+        ("sqlite:deliveries.sqlite3", "sqlite:deliveries.sqlite3"),
+        ("redis//localhost:6379", "redis//localhost:6379"),
+        ("redis:/localhost:6379/0", "redis:/localhost:6379/0"),
+        ("redis//cache:pw", "redis//cache:***"),
+        ("redis//:pw@cache", "redis//***@cache"),
         ("redis://h\x1b[31m/0", "redis://h?[31m/0"),  # no terminal escape either
     ],
 )
@@ -109,3 +116,38 @@ def test_without_credentials_takes_them_out_of_messages_however_quoted() -> None
     query = "postgresql://db/app?password=s3cr3t&x=1"
     assert "s3cr3t" not in without_credentials(f"bad {query}", query)
     assert without_credentials("no credentials here", "sqlite:///x.db") == "no credentials here"
+
+
+@pytest.mark.parametrize(
+    ("url", "hint"),
+    [
+        ("sqlite:deliveries.sqlite3", "did you mean sqlite:///deliveries.sqlite3?"),
+        ("redis//localhost:6379", "did you mean redis://localhost:6379?"),
+        ("postgresql:/db/app", "did you mean postgresql://db/app?"),
+    ],
+)
+def test_a_mistyped_scheme_is_shown_with_a_hint(url: str, hint: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(url)
+    assert repr(url) in str(info.value)
+    assert hint in str(info.value)
+
+
+def test_the_hint_never_shows_a_password() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(f"redis//:{PASSWORD}@cache:6379")
+    assert "did you mean redis://***@cache:6379?" in str(info.value)
+    assert PASSWORD not in str(info.value)
+
+
+def test_create_false_refuses_a_missing_sqlite_file_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigurationError, match=r"no SQLite database at 'deliveries\.sqlite3'"):
+        store_from_url("sqlite:///deliveries.sqlite3", create=False)
+    assert list(tmp_path.iterdir()) == []
+    store = store_from_url("sqlite:///deliveries.sqlite3")  # the default creates it
+    store.claim("k", 30.0)
+    assert (tmp_path / "deliveries.sqlite3").exists()
+    store_from_url("sqlite:///deliveries.sqlite3", create=False)  # now it opens

@@ -95,14 +95,17 @@ def test_replay_runs_the_fixed_handler(app_dir: Path) -> None:
     still_broken = cli("journal", "replay", "run_bad1", "--app", "journal_app:receiver",
                        cwd=app_dir)  # fmt: skip
     assert still_broken.returncode == 1
-    assert "run_bad1: failed" in still_broken.stdout
+    assert "run_bad1: still failed" in still_broken.stdout
     fixed = cli(
         "journal", "replay", "--failed", "--app", "journal_app:receiver", "--json",
         cwd=app_dir, env={"FIXED": "1"},
     )  # fmt: skip
     assert fixed.returncode == 0, fixed.stderr
-    states = {r["run_id"]: r["state"] for r in json.loads(fixed.stdout)["replayed"]}
-    assert states == {"run_bad1": "handled", "run_bad2": "handled"}
+    report = json.loads(fixed.stdout)
+    keys = ["run.completed:run_bad2", "run.completed:run_bad1"]
+    assert report["matched"] == keys
+    assert sorted(report["handled"]) == sorted(keys)
+    assert report["failed"] == []
 
 
 def test_refusals_say_why(app_dir: Path) -> None:

@@ -79,13 +79,29 @@
     var noRefusals = document.getElementById("no-refusals");
     var known = null;
 
+    var older = document.getElementById("older");
+    var olderP = document.getElementById("older-p");
+    var bulk = document.getElementById("bulk");
+    // The page's own limit, if it has one (the server checked it when it rendered the page).
+    var LIMIT = parseInt(new URLSearchParams(window.location.search).get("limit"), 10) || 100;
+
     function query() {
       var params = new URLSearchParams();
-      ["state", "event", "agent_id"].forEach(function (name) {
-        var value = form.elements[name].value.trim();
+      ["state", "event", "agent_id", "run_id", "before"].forEach(function (name) {
+        var field = form.elements[name];
+        var value = field ? field.value.trim() : "";
         if (value) params.set(name, value);
       });
       return params;
+    }
+
+    // The bulk replay form replays what the filter shows: keep its fields in step.
+    function syncBulk() {
+      if (!bulk) return;
+      Array.prototype.forEach.call(bulk.querySelectorAll("[data-filter]"), function (input) {
+        var field = form.elements[input.dataset.filter];
+        input.value = field ? field.value.trim() : "";
+      });
     }
 
     function renderDeliveries(data) {
@@ -124,6 +140,15 @@
       rows.replaceChildren(fresh);
       empty.hidden = data.deliveries.length > 0;
       count.textContent = data.deliveries.length + " shown, newest first";
+      if (older && olderP) {
+        olderP.hidden = !data.before;
+        if (data.before) {
+          var next = query();
+          if (LIMIT !== 100) next.set("limit", String(LIMIT));
+          next.set("before", data.before);
+          older.href = base + "?" + next.toString();
+        }
+      }
     }
 
     function renderRefusals(data) {
@@ -149,12 +174,15 @@
     Array.prototype.forEach.call(rows.children, function (tr) { known[tr.dataset.key] = true; });
     var refresh = poll(function () {
       var params = query();
-      params.set("limit", "100");
+      params.set("limit", String(LIMIT));
       return "api/deliveries?" + params.toString();
     }, renderDeliveries);
     poll(function () { return "api/refusals?limit=20"; }, renderRefusals);
 
     function applyFilters() {
+      // New filters start from the newest page again.
+      if (form.elements.before) form.elements.before.value = "";
+      syncBulk();
       var params = query();
       var search = params.toString();
       history.replaceState(null, "", base + (search ? "?" + search : ""));
@@ -171,18 +199,61 @@
     var article = document.querySelector("article.detail");
     if (!article) return;
     var key = article.dataset.key;
+    var run = article.dataset.run;
     var updated = article.dataset.updated;
     var state = document.getElementById("state");
     var attempts = document.getElementById("attempts");
     var updatedText = document.getElementById("updated");
     var changed = document.getElementById("changed");
-    poll(function () { return "api/deliveries/" + encodeURIComponent(key); }, function (d) {
+    startCurl(key);
+    // The refresh reads summaries only (the list, by run id): never the body again.
+    if (!run) return;
+    poll(function () {
+      return "api/deliveries?limit=50&run_id=" + encodeURIComponent(run);
+    }, function (data) {
+      var d = null;
+      data.deliveries.forEach(function (item) { if (item.key === key) d = item; });
+      if (d === null) return;
       state.textContent = d.state;
       state.className = "state state-" + d.state;
       attempts.textContent = d.attempts;
       updatedText.textContent = when(d.updated_at);
-      // Handler outcomes and tracebacks stay as rendered; say when they are out of date.
+      // Handler outcomes, history and tracebacks stay as rendered; say when they are old.
       changed.hidden = new Date(d.updated_at).getTime() === new Date(updated).getTime();
+    });
+  }
+
+  // "Copy as curl": the server builds the command for the URL in the form; it signs the
+  // body itself when run, so it holds neither the secret nor a signature.
+  function startCurl(key) {
+    var button = document.getElementById("copy-curl");
+    var url = document.getElementById("resend-url");
+    var pre = document.getElementById("curl");
+    var code = document.getElementById("curl-command");
+    var problem = document.getElementById("curl-problem");
+    if (!button || !url) return;
+    button.addEventListener("click", function () {
+      problem.hidden = true;
+      fetch(base + "api/curl/" + encodeURIComponent(key) + "?url=" + encodeURIComponent(url.value.trim()), {
+        headers: { Accept: "application/json" }, credentials: "same-origin"
+      }).then(function (response) {
+        return response.json().then(function (data) {
+          if (!response.ok) throw new Error(data.error || ("HTTP " + response.status));
+          return data.command;
+        });
+      }).then(function (command) {
+        code.textContent = command;
+        pre.hidden = false;
+        button.textContent = "Copy as curl";
+        if (navigator.clipboard && window.isSecureContext) {
+          navigator.clipboard.writeText(command).then(function () {
+            button.textContent = "Copied";
+          }, function () { /* shown on the page: select it by hand */ });
+        }
+      }).catch(function (error) {
+        problem.textContent = String(error.message || error);
+        problem.hidden = false;
+      });
     });
   }
 
