@@ -55,7 +55,6 @@ def test_every_option_is_named_in_its_command_section() -> None:
             text += journal_intro  # --json, --store and --app are described once there
         for action in parser._actions:
             for option in action.option_strings:
-                if option.startswith("--") and option != "--help" and f"`{option}" not in text:
-                    if option not in text:
-                        missing.append(f"{name} {option}")
+                if option.startswith("--") and option != "--help" and option not in text:
+                    missing.append(f"{name} {option}")
     assert not missing, f"options not named on {PAGE.name}: {missing}"
