@@ -7,7 +7,6 @@ machine; ``RedisStore`` and ``PostgresStore`` many machines. All follow the cont
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -69,7 +68,7 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
     the URL through :func:`redacted_url`, never its password.
 
     ``create=False`` is for tools that only read (``journal list``, ``inspect``): a SQLite
-    file that does not exist is refused instead of created, and the stores that can are
+    file that does not exist is refused instead of created, and SQLite and PostgreSQL are
     asked not to create their tables.
     """
     if not isinstance(url, str):
@@ -96,7 +95,7 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
                 "nothing to read, and a read-only command creates nothing; check the path "
                 "(sqlite:///relative.sqlite3, sqlite:////absolute.sqlite3)"
             )
-        return SQLiteStore(path, **_create_option(SQLiteStore, create))
+        return SQLiteStore(path, create=create)
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
 
@@ -105,15 +104,8 @@ def store_from_url(url: str, *, create: bool = True) -> Store:
         from .postgres import PostgresStore
 
         # libpq knows the scheme in lower case
-        return PostgresStore(f"{scheme}://{rest}", **_create_option(PostgresStore, create))
+        return PostgresStore(f"{scheme}://{rest}", create=create)
     raise ConfigurationError(
         f"unknown store scheme {scheme[:20]!r} in {redacted_url(url)!r}: "
         "use memory://, sqlite:///, redis:// or postgresql://"
     )
-
-
-def _create_option(store_class: type, create: bool) -> dict[str, Any]:
-    # Stores grow a ``create`` option (tables, files) one by one: pass it where it exists.
-    if create or "create" not in inspect.signature(store_class).parameters:
-        return {}
-    return {"create": False}

@@ -39,10 +39,12 @@ APP = textwrap.dedent(
         if event.data.run_id.startswith("run_bad") and not fixed:
             raise RuntimeError("crm is down")
 
-    @receiver.on("run.failed")
     def alert(event):
         if not fixed:
             raise RuntimeError("pager is down")
+
+    if not os.environ.get("ALERT_REMOVED"):  # a later version of the app drops it
+        receiver.on("run.failed")(alert)
 
     if os.environ.get("SEED"):
         fixed = False
@@ -163,6 +165,13 @@ def test_replay_failed_takes_the_filters(app_dir: Path) -> None:
     rest = journal(app_dir, "replay", "--failed", "--agent", "agent_a", "--per-second", "50")
     assert rest.returncode == 1  # still broken: both still failed
     assert "replayed 2: 0 handled, 2 still failed" in rest.stdout
+
+
+def test_a_replay_that_runs_no_handler_says_so_and_fails(app_dir: Path) -> None:
+    result = journal(app_dir, "replay", "run_bad3", env={"ALERT_REMOVED": "1"})
+    assert result.returncode == 1
+    assert result.stdout.strip() == "run_bad3: no handler ran (none wants this event now)"
+    assert run_ids(listed(app_dir, "--run-id", "run_bad3", "--state", "failed")) == ["run_bad3"]
 
 
 # -- resolve --------------------------------------------------------------------------------
@@ -354,3 +363,18 @@ def test_show_and_sweep_deferred_handlers(tmp_path: Path) -> None:
     (job,) = (tmp_path / "jobs.txt").read_text().splitlines()
     assert job.startswith("run.completed:run_later ")
     assert job.endswith("enrich")
+
+
+@pytest.mark.postgres
+def test_reading_an_empty_postgres_database_creates_no_tables(
+    postgres_server: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    for args in (["journal", "list"], ["journal", "refusals"]):
+        result = cli(*args, "--store", postgres_url, cwd=tmp_path)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "do not exist" in result.stderr
+        assert "create=False" in result.stderr
+    database = postgres_url.rsplit("/", 1)[1]
+    tables = "SELECT count(*) FROM pg_catalog.pg_tables WHERE tablename LIKE 'flymy%'"
+    assert postgres_server.psql(tables, database).strip() == "0"
