@@ -4,10 +4,14 @@ parser defines, so a new command or option cannot land undocumented."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import subprocess
 
 from flymy_receiver.cli import _build_parser
-from tests.docs.snippets import DOCS
+from tests.conftest import require
+from tests.docs.snippets import DOCS, ROOT
+from tests.servers import PYTHON
 
 PAGE = DOCS / "reference" / "cli.md"
 
@@ -58,3 +62,46 @@ def test_every_option_is_named_in_its_command_section() -> None:
                 if option.startswith("--") and option != "--help" and option not in text:
                     missing.append(f"{name} {option}")
     assert not missing, f"options not named on {PAGE.name}: {missing}"
+
+
+_MANAGE_PARSER = """
+import argparse, json
+import django
+from django.conf import settings
+settings.configure(INSTALLED_APPS=["flymy_receiver.django"], DATABASES={})
+django.setup()
+from flymy_receiver.django.management.commands.flymy_journal import Command
+parser = Command().create_parser("manage.py", "flymy_journal")
+found = {}
+for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+        for name, sub in action.choices.items():
+            found[name] = sorted(
+                o for a in sub._actions for o in a.option_strings
+                if o.startswith("--") and o != "--help"
+            )
+print(json.dumps(found))
+"""
+
+
+def test_every_management_subcommand_and_option_is_named() -> None:
+    require("django")
+    result = subprocess.run(
+        [PYTHON, "-c", _MANAGE_PARSER],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    subcommands = json.loads(result.stdout)
+    assert {"list", "show", "replay", "resolve", "resend", "sweep", "refusals"} <= set(subcommands)
+    section = PAGE.read_text().split("## `manage.py flymy_journal`", 1)[1]
+    missing = [
+        f"{name} {option}"
+        for name, options in subcommands.items()
+        for option in [f"flymy_journal {name}", *options]
+        if option not in section
+    ]
+    assert not missing, f"manage.py flymy_journal names not on {PAGE.name}: {missing}"
