@@ -188,7 +188,7 @@ class PostgresTarget(_CloningTarget):
             _POSTGRES.append(_CLUSTERS.enter_context(running_postgres()))
             atexit.register(_CLUSTERS.close)
         self.url = _POSTGRES[0].create_database()
-        self.store = PostgresStore(self.url)
+        self.store = PostgresStore(self.url, timeout=60)  # the setup lists whole journals
         self._template()
 
     def _sql(self, query: str, args: tuple[Any, ...] = ()) -> list[Any]:

@@ -65,7 +65,7 @@ def journal_for_resolve(using: str) -> Journal:
     except Refused:
         from .store import DjangoStore
 
-        return Journal(DjangoStore(using=using))  # type: ignore[arg-type]  # a JournalStore
+        return Journal(DjangoStore(using=using))
 
 
 def replay(journal: Journal, key: str, *, force: bool = False) -> Told:

@@ -63,7 +63,9 @@ def test_every_log_line_is_bounded_whatever_the_run_id(
     assert any("duplicate" in m for m in messages)
     assert any("refused delivery: reason=in_flight" in m for m in messages)
     assert any("handler failed" in m for m in messages)
-    assert any("no handler wants" in m for m in messages)
+    # The WARNING comes once per event name and process (an earlier test in this worker may
+    # have had it); after it, the DEBUG line: either way a line about it, bounded below.
+    assert any("no handler wants" in m or "no handler for" in m for m in messages)
     for message in messages:
         assert len(message) < LINE_LIMIT, message[:300]
 

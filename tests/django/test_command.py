@@ -184,6 +184,7 @@ BAD_VALUES = [
     ("list", "--since", "9999-12-31T23:59:59-01:00"),
     ("list", "--since", "yesterday"),
     ("list", "--since", "\x1b[2J"),
+    ("list", "--until", "0001-01-01T00:00:00+01:00"),
     ("list", "--state", "failed", "--failed", "--state", "handled"),
     ("replay", "--failed", "--since", "99999999999d"),
     ("replay", "--failed", "--until", "not-a-date"),
@@ -291,6 +292,9 @@ def test_list_pages_with_before_and_finds_a_run(many: Any) -> None:
     assert _run_ids("--limit", "2", "--before", key) == ["run_f3", "run_f2"]
     assert _run_ids("--run-id", "run_f2") == ["run_f2"]
     assert _run_ids("--failed", "--agent", "agent_a") == ["run_f3", "run_f1"]
+    assert _run_ids("--until", "2000-01-01") == []
+    assert len(_run_ids("--since", "2000-01-01", "--until", "1d")) == 0
+    assert len(_run_ids("--until", "2999-01-01T00:00:00Z")) == 6
 
 
 def test_show_prints_the_history(many: Any) -> None:

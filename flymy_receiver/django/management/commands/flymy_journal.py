@@ -69,6 +69,7 @@ class Command(BaseCommand):
         listing.add_argument("--state", choices=ENTRY_STATES)
         listing.add_argument("--failed", action="store_true", help="the same as --state failed")
         filters(listing)
+        listing.add_argument("--until", help="received before: 30m, 12h, 7d or an ISO date")
         listing.add_argument("--run-id", help="only this run's entries")
         listing.add_argument("--before", metavar="KEY", help="the page after the entry KEY")
         listing.add_argument(
@@ -118,7 +119,7 @@ class Command(BaseCommand):
         if options["failed"] and options["state"] not in (None, "failed"):
             raise CommandError("--failed and --state say different things: give one")
         limit = arguments.limit(options["limit"])
-        since = _moment(options, "since")
+        since, until = _moment(options, "since"), _moment(options, "until")
         journal = self._journal(options)
         entries = journal.list(
             state="failed" if options["failed"] else options["state"],
@@ -126,6 +127,7 @@ class Command(BaseCommand):
             agent_id=options["agent"],
             run_id=options["run_id"],
             since=since,
+            until=until,
             before=options["before"],
             limit=limit,
         )
@@ -314,7 +316,7 @@ class Command(BaseCommand):
         if alias not in connections.settings:
             raise CommandError(f"--database {printable(alias[:100])} is not in settings.DATABASES")
         _check_migrated(alias)
-        return Journal(DjangoStore(using=alias))  # type: ignore[arg-type]  # a JournalStore
+        return Journal(DjangoStore(using=alias))
 
     def _lines(self, lines: list[str]) -> None:
         self.stdout.write("\n".join(lines))
