@@ -105,3 +105,11 @@ def test_every_management_subcommand_and_option_is_named() -> None:
         if option not in section
     ]
     assert not missing, f"manage.py flymy_journal names not on {PAGE.name}: {missing}"
+
+
+def test_the_table_columns_on_the_page_are_the_printed_ones() -> None:
+    from flymy_receiver import tables
+
+    text = PAGE.read_text()
+    for columns in (tables.ENTRY_COLUMNS, tables.REFUSAL_COLUMNS):
+        assert ", ".join(f"`{c}`" for c in columns) in text, columns
