@@ -340,13 +340,18 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
         how = "queued" if deferred else "handled"
         attempt = Attempt(started, source, 200, how, time.perf_counter() - clock)
         complete_args = (*complete_args, outcomes, attempt)
+    # A queue that writes its jobs in the store's own transaction (Django tasks on the
+    # DjangoStore's database) gets them from ``complete``: nothing waits for a sweep.
+    in_transaction = bool(deferred) and getattr(host.queue, "in_store_transaction", False)
+    complete_kwargs = {"context": _deferred.job_context()} if in_transaction else None
     try:
-        yield _StoreCall(store.complete, complete_args)
+        yield _StoreCall(store.complete, complete_args, complete_kwargs)
     except Exception as exc:
         return _store_failed(exc, d, "record")
     d.held = ""
     if deferred and host.queue is not None:  # the workers tell the waiters, when finished
-        yield _StoreCall(_deferred.send_jobs, (host.queue, d.key, deferred))
+        if not in_transaction:  # else the jobs committed with the entry (DjangoTasksQueue)
+            yield _StoreCall(_deferred.send_jobs, (host.queue, d.key, deferred))
         return deferred_received(len(deferred))
     return (yield from _ended(host, d, RECEIVED))
 

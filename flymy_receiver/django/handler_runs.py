@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import StoreUnavailable
 from ..stores.base import Claim, ClaimState
 from ..stores.records import HISTORY_LIMIT, Attempt, HandlerOutcome
-from .reading import db_time
+from .reading import db_time, stored_key
 
 __all__ = ["HandlerRuns"]
 
@@ -72,7 +72,7 @@ class HandlerRuns:
         record that ``handler`` succeeded: its writes to this database and that record commit
         together, or roll back together when it raises (which propagates unchanged). A
         transaction that cannot commit raises StoreUnavailable saying why."""
-        m = self._app_models()
+        m, key = self._app_models(), stored_key(key)
         with self._atomic_run() as step:
             outcome = call()
             step("record")
@@ -91,7 +91,7 @@ class HandlerRuns:
     ) -> HandlerOutcome:
         """A deferred handler's ``atomic=True`` run: ``call`` and its record
         (:meth:`finish_handler` with ``final=False``) in one transaction; exactly once."""
-        m = self._app_models()
+        m, key = self._app_models(), stored_key(key)
         try:
             with self._atomic_run() as step:
                 outcome = call()
@@ -143,7 +143,7 @@ class HandlerRuns:
         """Take one deferred handler's own lease: ``ACQUIRED`` (``body`` holds the stored
         body), ``DONE`` when it is ok, ``BUSY`` while another worker's lease is live.
         Raises KeyError when the journal has no such entry."""
-        now = self._clock()
+        now, key = self._clock(), stored_key(key)
         with self._transaction() as m:
             entries = m.JournalEntry.objects.using(self.using)
             row = (
@@ -196,7 +196,7 @@ class HandlerRuns:
         holds its lease; ``handled`` once every handler is ok, ``failed`` after a ``final``
         failure (the done record dropped so that a replay can claim it), else ``queued``."""
         with self._transaction() as m:
-            self._finish(m, key, handler, token, outcome, attempt, final, ttl)
+            self._finish(m, stored_key(key), handler, token, outcome, attempt, final, ttl)
 
     def _finish(
         self,

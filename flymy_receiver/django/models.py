@@ -74,6 +74,9 @@ class JournalEntry(models.Model):
     ]
 
     key = models.CharField(max_length=KEY_LENGTH, unique=True)
+    #: The key as given when it is longer than :data:`KEY_LENGTH` (``key`` then holds
+    #: ``sha256:`` and its digest, as the claim's and handler records' keys do).
+    full_key = models.TextField(null=True, blank=True)
     event = models.CharField(max_length=TEXT_LENGTH)
     run_id = models.TextField(null=True, blank=True)
     #: SHA-256 (hex) of ``run_id``: what lookups by run id use.

@@ -22,7 +22,7 @@ from ..stores.records import (
     to_datetime,
 )
 
-__all__ = ["JournalReads", "aware", "db_time", "run_digest", "text"]
+__all__ = ["JournalReads", "aware", "db_time", "run_digest", "stored_key", "text"]
 
 #: What a summary never reads.
 _SUMMARY_DEFERS = ("body", "history", "leases")
@@ -43,7 +43,7 @@ class JournalReads:
         now = self._clock()
         with self._reading() as m:
             live = _live(m.JournalEntry.objects.using(self.using), now)
-            row = live.filter(key=key_or_run_id).first()
+            row = live.filter(key=stored_key(key_or_run_id)).first()
             if row is None:
                 newest = live.filter(run_digest=run_digest(key_or_run_id))
                 row = newest.order_by("-received_at", "-key").first()
@@ -105,7 +105,7 @@ class JournalReads:
             if before is not None:
                 cursor = (
                     m.JournalEntry.objects.using(self.using)
-                    .filter(key=before)
+                    .filter(key=stored_key(before))
                     .values_list("received_at", flat=True)
                     .first()
                 )
@@ -115,7 +115,7 @@ class JournalReads:
                 from django.db.models import Q
 
                 rows = rows.filter(received_at__lte=cursor).filter(
-                    Q(received_at__lt=cursor) | Q(key__lt=before)
+                    Q(received_at__lt=cursor) | Q(key__lt=stored_key(before))
                 )
             rows = rows.defer(*_SUMMARY_DEFERS).order_by("-received_at", "-key")
             if state is None:
@@ -160,7 +160,7 @@ def entry_from_row(
     stored = bytes(row.body) if body and row.body is not None else None
     attempts = tuple(Attempt.from_dict(item) for item in (row.history or ())) if history else ()
     return JournalEntry(
-        key=row.key,
+        key=row.full_key or row.key,
         event=row.event,
         run_id=row.run_id,
         agent_id=row.agent_id,
@@ -177,6 +177,18 @@ def entry_from_row(
         body_size=row.body_size,
         body_dropped=row.body_dropped,
     )
+
+
+#: Keys longer than this are stored as ``sha256:`` and their digest (the models' KEY_LENGTH).
+_KEY_LENGTH = 255
+
+
+def stored_key(key: str) -> str:
+    """The key as the tables hold it: itself, or ``sha256:<digest>`` when longer than the
+    column (the journal keeps the whole key beside it, in ``full_key``)."""
+    if len(key) <= _KEY_LENGTH:
+        return key
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def run_digest(run_id: str) -> str:

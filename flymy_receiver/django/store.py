@@ -39,7 +39,7 @@ from ..stores.records import (
     Refusal,
 )
 from .handler_runs import HandlerRuns
-from .reading import JournalReads, aware, db_time, run_digest, text
+from .reading import JournalReads, aware, db_time, run_digest, stored_key, text
 
 __all__ = ["DjangoStore", "TransactionalQueue", "aware", "db_time"]
 
@@ -123,6 +123,7 @@ class DjangoStore(HandlerRuns, JournalReads):
         """Take ``key`` for ``lease`` seconds unless it is done or held by a live claim;
         journal ``entry`` (a delivery) or a replay's attempt, in one transaction."""
         now = self._clock()
+        key = stored_key(key)
         with self._transaction() as m:
             claim = self._claim(m, key, lease, now, force)
             if entry is not None:
@@ -138,6 +139,7 @@ class DjangoStore(HandlerRuns, JournalReads):
     ) -> None:
         """Remember that ``handler`` succeeded for ``key`` for ``ttl`` seconds."""
         now = self._clock()
+        key = stored_key(key)
         with self._transaction() as m:
             self._mark(m, key, handler, ttl, outcome, now)
 
@@ -155,6 +157,7 @@ class DjangoStore(HandlerRuns, JournalReads):
         entry becomes ``handled``, or ``queued`` while deferred handlers wait for a worker
         (whose jobs ``transactional_queue`` writes here, with ``context``)."""
         now = self._clock()
+        original, key = key, stored_key(key)
         queued = [n for n, o in (outcomes or {}).items() if o.deferred and o.state == "queued"]
         with self._transaction() as m:
             claims = m.DeliveryClaim.objects.using(self.using)
@@ -175,11 +178,11 @@ class DjangoStore(HandlerRuns, JournalReads):
                 state = "queued" if queued else "handled"
                 self._journal_update(m, key, now, state=state, outcomes=outcomes, attempt=attempt)
             queue = self.transactional_queue
-            if not queued or queue is None or not queue.writes_to(self.using):
+            if not queued or queue is None or not _writes_here(queue, self.using):
                 return
             for handler in queued:
                 try:  # a row in this transaction: committed with the entry, or not at all
-                    queue.enqueue(key, handler, context or {})
+                    queue.enqueue(original, handler, context or {})
                 except Exception as exc:
                     if _is_database_error(exc):
                         raise
@@ -200,6 +203,7 @@ class DjangoStore(HandlerRuns, JournalReads):
         """Drop the claim held with ``token``; keep the per-handler records; the entry
         becomes ``failed`` with ``outcomes`` and ``attempt``."""
         now = self._clock()
+        key = stored_key(key)
         with self._transaction() as m:
             held = m.DeliveryClaim.objects.using(self.using).filter(key=key, token=token)
             deleted, _ = held.filter(done=False).delete()
@@ -220,7 +224,7 @@ class DjangoStore(HandlerRuns, JournalReads):
             row, created = (
                 entries.select_for_update()
                 .only("id", "expires", "history")
-                .get_or_create(key=entry.key, defaults=fresh)
+                .get_or_create(key=stored_key(entry.key), defaults=fresh)
             )
             if created:
                 return
@@ -240,6 +244,7 @@ class DjangoStore(HandlerRuns, JournalReads):
     def journal_resolve(self, key: str, note: str) -> bool:
         """Make the entry ``resolved`` with ``note``; False when there is no such entry."""
         now = self._clock()
+        key = stored_key(key)
         with self._transaction() as m:
             entries = m.JournalEntry.objects.using(self.using)
             row = entries.filter(key=key, expires__gt=now).only("id", "retention").first()
@@ -341,6 +346,7 @@ class DjangoStore(HandlerRuns, JournalReads):
         ):
             body = None  # degrade the journal only: the claim goes on
         return {
+            "full_key": entry.key if stored_key(entry.key) != entry.key else None,
             "event": text(entry.event, m.TEXT_LENGTH),
             "run_id": entry.run_id,
             "run_digest": run_digest(entry.run_id) if entry.run_id is not None else None,
@@ -380,7 +386,7 @@ class DjangoStore(HandlerRuns, JournalReads):
         row, created = (
             entries.select_for_update()
             .only("id", "expires", "state", "lease_until", "history")
-            .get_or_create(key=entry.key, defaults=fresh)
+            .get_or_create(key=stored_key(entry.key), defaults=fresh)
         )
         if created:
             return ""
@@ -576,6 +582,14 @@ def _appended(row: Any, attempt: Attempt | None) -> dict[str, Any]:
         return {}
     history = [*(row.history or ()), attempt.to_dict()]
     return {"history": history[-HISTORY_LIMIT:]}
+
+
+def _writes_here(queue: TransactionalQueue, using: str) -> bool:
+    try:
+        return queue.writes_to(using)
+    except Exception as exc:  # a misconfigured backend: the receiver sends the jobs
+        logger.warning("cannot tell where %r writes its jobs: %r", queue, exc)
+        return False
 
 
 def _is_database_error(exc: BaseException) -> bool:

@@ -106,7 +106,11 @@ class DjangoTasksQueue:
         store = self.receiver.store if self.receiver is not None else None
         if not isinstance(store, DjangoStore):
             return False
-        return self.writes_to(store.using)
+        try:
+            return self.writes_to(store.using)
+        except Exception as exc:  # a misconfigured backend: the receiver sends the jobs
+            logger.warning("DjangoTasksQueue: cannot tell where jobs are written: %r", exc)
+            return False
 
     def writes_to(self, using: str) -> bool:
         """Whether this queue's jobs are rows of the database ``using`` (the database
@@ -155,7 +159,7 @@ class DjangoTasksQueue:
             raise ConfigurationError("DjangoTasksQueue is not bound to a receiver")
         final = attempt >= self.attempts
         try:
-            receiver.run_deferred(key, handler_id, final=final, context=context)  # type: ignore[attr-defined]
+            receiver.run_deferred(key, handler_id, final=final, context=context)
         except LookupError:
             raise  # an unknown handler or a missing entry: retrying cannot help
         except Exception:

@@ -262,10 +262,9 @@ def bound() -> Iterator[tuple[Any, _Recorder]]:
     from flymy_receiver.queues.django import DjangoTasksQueue
     from tests.conftest import SECRET
 
-    receiver = Receiver(SECRET, store=DjangoStore())
     queue = DjangoTasksQueue(attempts=3)
-    queue.bind(receiver)
-    receiver.queue = queue  # type: ignore[attr-defined]
+    receiver = Receiver(SECRET, store=DjangoStore(), queue=queue)
+    assert queue.receiver is receiver
     recorder = _Recorder(failures=0)
     receiver.run_deferred = recorder  # type: ignore[attr-defined,method-assign]
     registry.register(receiver)

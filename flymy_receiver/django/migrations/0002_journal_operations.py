@@ -60,6 +60,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name="journalentry",
+            name="full_key",
+            field=models.TextField(blank=True, null=True),
+        ),
+        migrations.AddField(
+            model_name="journalentry",
             name="history",
             field=models.JSONField(default=list),
         ),
