@@ -373,34 +373,6 @@ class _Api:
         internal = self._metrics_internal
         return internal is not None and internal._METER_PROVIDER is not None
 
-    def observe(self, trace: DeliveryTrace, call: Callable[[], Response]) -> Response:
-        """Run ``call`` (a delivery) as ``trace``'s span, then end it with the answer."""
-        token = _CURRENT.set(trace)
-        try:
-            response = call()
-        except BaseException:
-            trace.end(500)
-            raise
-        finally:
-            _CURRENT.reset(token)
-        trace.end(response.status, response)
-        return response
-
-    async def aobserve(
-        self, trace: DeliveryTrace, call: Callable[[], Awaitable[Response]]
-    ) -> Response:
-        """The async twin of :meth:`observe`."""
-        token = _CURRENT.set(trace)
-        try:
-            response = await call()
-        except BaseException:
-            trace.end(499)  # cancelled or failed: no answer was given
-            raise
-        finally:
-            _CURRENT.reset(token)
-        trace.end(response.status, response)
-        return response
-
     def watch(self, journal: Journal) -> None:
         self._journals.add(journal)
 
