@@ -141,3 +141,37 @@ def handlers_table(handlers: Mapping[str, HandlerOutcome]) -> list[str]:
         for name, outcome in handlers.items()
     ]
     return render(HANDLER_COLUMNS, rows)
+
+
+def entry_details(entry: JournalEntry) -> list[str]:
+    """An entry's facts, history, handlers and failed handlers' tracebacks, as ``journal
+    show`` and ``manage.py flymy_journal show`` print them (each value terminal-safe; the
+    body is the caller's, which shows it its own way)."""
+    lines = [
+        f"key:       {cell(entry.key, 1000)}",
+        f"event:     {cell(entry.event)}",
+        f"run id:    {cell(entry.run_id)}",
+        f"agent:     {cell(entry.agent_name)} ({cell(entry.agent_id)})",
+        f"state:     {entry.state}",
+        f"attempts:  {entry.attempts}",
+        f"received:  {entry.received_at.isoformat()}",
+        f"updated:   {entry.updated_at.isoformat()}",
+    ]
+    if entry.note:
+        lines.append(f"note:      {cell(entry.note, 500)}")
+    lines += [f"header:    {cell(n)}: {cell(v)}" for n, v in entry.headers.items()]
+    lines.append("history:")
+    if entry.history:
+        lines += ["  " + line for line in history_table(entry.history)]
+    else:
+        lines.append("  none recorded")
+    lines.append("handlers:")
+    if not entry.handlers:
+        lines.append("  none ran")
+    else:
+        lines += ["  " + line for line in handlers_table(entry.handlers)]
+    for name, outcome in entry.handlers.items():
+        if outcome.traceback and not outcome.ok:
+            lines.append(f"traceback of {cell(name)}:")
+            lines += [f"    {cell(t, 500)}" for t in outcome.traceback.rstrip().splitlines()[-40:]]
+    return lines

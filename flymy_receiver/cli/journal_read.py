@@ -64,35 +64,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def entry_detail(entry: JournalEntry, *, body: bool = False) -> list[str]:
     """What ``journal show`` prints: the facts, the history, each handler, the body."""
-    lines = [
-        f"key:       {printable(entry.key)}",
-        f"event:     {printable(entry.event)}",
-        f"run id:    {printable(entry.run_id or '-')}",
-        f"agent:     {printable(entry.agent_name or '-')} ({printable(entry.agent_id or '-')})",
-        f"state:     {entry.state}",
-        f"attempts:  {entry.attempts}",
-        f"received:  {entry.received_at.isoformat()}",
-        f"updated:   {entry.updated_at.isoformat()}",
-    ]
-    if entry.note:
-        lines.append(f"note:      {printable(entry.note, 500)}")
-    lines += [f"header:    {printable(n)}: {printable(v)}" for n, v in entry.headers.items()]
-    lines.append("history:")
-    if entry.history:
-        lines += ["  " + line for line in tables.history_table(entry.history)]
-    else:
-        lines.append("  none recorded")
-    lines.append("handlers:")
-    if not entry.handlers:
-        lines.append("  none ran")
-    else:
-        lines += ["  " + line for line in tables.handlers_table(entry.handlers)]
-    for name, outcome in entry.handlers.items():
-        if outcome.traceback and not outcome.ok:
-            lines.append(f"traceback of {printable(name)}:")
-            lines += [
-                f"    {printable(t, 500)}" for t in outcome.traceback.rstrip().splitlines()[-40:]
-            ]
+    lines = tables.entry_details(entry)
     if body:
         if entry.body is None:
             lines.append("body:      dropped (the journal's byte limit)")

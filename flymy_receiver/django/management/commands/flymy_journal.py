@@ -373,33 +373,7 @@ def _replayed(entry: JournalEntry) -> dict[str, Any]:
 def _details(entry: JournalEntry) -> str:
     """What ``show`` prints, as ``flymy-receiver journal show --body`` does: the facts, the
     history, each handler (a deferred one with its state and attempts), the body."""
-    lines = [
-        f"key:       {entry.key}",
-        f"event:     {entry.event}",
-        f"run id:    {entry.run_id or '-'}",
-        f"agent:     {entry.agent_name or '-'} ({entry.agent_id or '-'})",
-        f"state:     {entry.state}",
-        f"attempts:  {entry.attempts}",
-        f"received:  {entry.received_at.isoformat()}",
-        f"updated:   {entry.updated_at.isoformat()}",
-    ]
-    if entry.note:
-        lines.append(f"note:      {entry.note[:500]}")
-    lines += [f"header:    {name}: {value}" for name, value in entry.headers.items()]
-    lines.append("history:")
-    if entry.history:
-        lines += ["  " + line for line in tables.history_table(entry.history)]
-    else:
-        lines.append("  none recorded")
-    lines.append("handlers:")
-    if not entry.handlers:
-        lines.append("  none ran")
-    else:
-        lines += ["  " + line for line in tables.handlers_table(entry.handlers)]
-    for name, outcome in entry.handlers.items():
-        if outcome.traceback and not outcome.ok:
-            lines.append(f"traceback of {name}:")
-            lines += [f"    {line}" for line in outcome.traceback.rstrip().splitlines()[-40:]]
+    lines = tables.entry_details(entry)
     if entry.body is None:
         lines.append("body:      dropped (the journal's byte limit)")
     else:
