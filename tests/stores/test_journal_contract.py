@@ -11,57 +11,18 @@ from pathlib import Path
 import pytest
 
 from flymy_receiver.stores import ClaimState
-from flymy_receiver.stores.base import JournalStore, journals
-from flymy_receiver.stores.records import HandlerOutcome, NewEntry, Refusal
+from flymy_receiver.stores.records import Refusal
 from tests.stores.backends import JOURNAL_BACKENDS, Backend, make_backend
-
-LEASE = 0.3
-TTL = 60.0
+from tests.stores.journal_kit import LEASE, TTL
+from tests.stores.journal_kit import failed as _failed
+from tests.stores.journal_kit import new_entry as _entry
+from tests.stores.journal_kit import ok as _ok
+from tests.stores.journal_kit import store_of as _store
 
 
 @pytest.fixture(params=JOURNAL_BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     yield from make_backend(request.param, request, tmp_path)
-
-
-def _store(backend: Backend) -> JournalStore:
-    assert journals(backend.store)
-    assert isinstance(backend.store, JournalStore)
-    return backend.store
-
-
-def _entry(
-    key: str,
-    *,
-    run_id: str | None = None,
-    event: str = "run.completed",
-    agent_id: str | None = "agent_abc",
-    body: bytes = b'{"event":"run.completed"}',
-    retention: float = 3600.0,
-) -> NewEntry:
-    return NewEntry(
-        key=key,
-        event=event,
-        run_id=run_id if run_id is not None else key.rpartition(":")[2],
-        agent_id=agent_id,
-        agent_name="Sales Lead Profiler",
-        body=body,
-        headers={"Content-Length": str(len(body))},
-        retention=retention,
-    )
-
-
-def _ok() -> HandlerOutcome:
-    return HandlerOutcome(ok=True, at=1_700_000_000.0)
-
-
-def _failed(message: str = "boom") -> HandlerOutcome:
-    return HandlerOutcome(
-        ok=False,
-        error=f"RuntimeError: {message}",
-        traceback="Traceback (most recent call last):\n  ...\nRuntimeError: " + message,
-        at=1_700_000_001.0,
-    )
 
 
 def test_a_claim_with_an_entry_journals_it_pending_with_its_exact_body(backend: Backend) -> None:
