@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,25 @@ def test_the_broker_url_is_shown_without_its_password() -> None:
     assert "hunter2" not in repr(queue)
     assert "hunter2" not in queue.broker_url_shown
     assert "cache.internal" in queue.broker_url_shown
+
+
+def test_threads_that_come_and_go_never_exhaust_the_broker_pool(
+    tmp_path: Path, redis_url: str, redis_server: Any
+) -> None:
+    """A server's threads come and go; jobs sent from each must give their connection back,
+    or the pool (``broker_pool_limit``) runs dry and the next enqueue waits for ever."""
+    app = Celery("t", broker=redis_url)
+    app.conf.broker_pool_limit = 2
+    queue = CeleryQueue(app)
+    receiver_with(tmp_path, queue)
+    for number in range(6):  # three times the pool, each from a thread that then ends
+        sender = threading.Thread(target=queue.enqueue, args=(f"k{number}", "enrich", {}))
+        sender.start()
+        sender.join(timeout=10)
+        assert not sender.is_alive(), f"enqueue number {number} is stuck waiting for the pool"
+    client = redis_server.client()
+    try:
+        assert client.llen("celery") == 6
+    finally:
+        client.close()
+    app.close()
