@@ -280,11 +280,7 @@ def sweep(receiver: Receiver, older_than: timedelta = DEFAULT_SWEEP_AGE) -> list
 
 def failure_outcome(exc: BaseException) -> HandlerOutcome:
     """A failed deferred run's outcome: the plan's failure record, marked deferred."""
-    from .delivery import _failure  # imported here: the plan imports this module
-
-    outcome = _failure(exc)
-    outcome.deferred = True
-    return outcome
+    return HandlerOutcome.of_failure(exc, deferred=True)
 
 
 def _lost(outcome: HandlerOutcome, now: float, cutoff: float) -> bool:

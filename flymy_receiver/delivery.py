@@ -15,7 +15,6 @@ import functools
 import logging
 import threading
 import time
-import traceback
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -302,7 +301,7 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
             release_args: tuple[Any, ...] = (d.key, token)
             attempt = Attempt(started, source, 500, "failed", time.perf_counter() - clock)
             if outcomes is not None:
-                outcomes[handler.id] = _failure(exc)
+                outcomes[handler.id] = HandlerOutcome.of_failure(exc)
                 release_args = (d.key, token, outcomes, attempt)
             try:
                 yield _StoreCall(store.release, release_args)
@@ -546,17 +545,6 @@ def _succeeded(handler: Handler, event: Any, journal: bool) -> Callable[[], Hand
         return HandlerOutcome(ok=True, at=time.time()) if journal else None
 
     return call
-
-
-def _failure(exc: BaseException) -> HandlerOutcome:
-    """A failed handler's outcome: its error line and traceback, for the journal only."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return HandlerOutcome(
-        ok=False,
-        error=f"{type(exc).__name__}: {exc}"[:1000],
-        traceback=text[-20_000:],
-        at=time.time(),
-    )
 
 
 def _in_background(work: Callable[[], None]) -> None:

@@ -7,6 +7,8 @@ The JSON forms here are the ones the SQLite, Redis and PostgreSQL stores persist
 
 from __future__ import annotations
 
+import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -81,6 +83,19 @@ class HandlerOutcome:
     @property
     def finished_at(self) -> datetime:
         return to_datetime(self.at)
+
+    @classmethod
+    def of_failure(cls, exc: BaseException, *, deferred: bool = False) -> HandlerOutcome:
+        """A failed run's outcome: its error line and traceback (for the journal only:
+        never in a response)."""
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(
+            ok=False,
+            error=f"{type(exc).__name__}: {exc}"[:1000],
+            traceback=text[-20_000:],
+            at=time.time(),
+            deferred=deferred,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
