@@ -22,7 +22,7 @@ from datetime import timedelta
 from .. import __version__
 from ..describe import escape_controls
 from ..signature import SECRET_ENV_VAR
-from .journal import add_journal_command
+from .journal_commands import add_journal_command
 from .options import PROG, Parser, UsageError, is_utf8, seconds
 from .schema import run_schema
 from .send import run_send
