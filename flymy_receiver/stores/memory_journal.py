@@ -163,6 +163,30 @@ class MemoryJournal:
 
     # -- writing --------------------------------------------------------------------------
 
+    def arrived(self, entry: NewEntry, lease: float) -> str:
+        """A delivery that acquired its claim for ``lease`` seconds: :meth:`delivered` for
+        a ``pending`` entry, with the usual case (a key the journal has not seen) written
+        out, as it runs on every delivery. Returns the state before ("" for a new entry)."""
+        key = entry.key
+        if key in self._entries:  # a retry, a replay's key, or an expired entry
+            now = self.now()
+            return self.delivered(entry, "pending", None, True, now + lease, now)
+        now = int(self._wall() * 1_000_000) / 1_000_000
+        kept = _Kept(entry, "pending", now)
+        kept.lease_until = now + lease
+        self._entries[key] = kept
+        if entry.run_id is not None:
+            self._by_run[entry.run_id] = key
+        size = kept.body_size
+        if self.bytes + size <= self.max_bytes:
+            kept.body = entry.body
+            self.bytes += size
+        else:
+            self._set_body(kept, entry.body)
+        if len(self._entries) > self.max_entries:
+            self._bound()
+        return ""
+
     def delivered(
         self,
         entry: NewEntry,
@@ -218,7 +242,6 @@ class MemoryJournal:
     def update(
         self,
         key: str,
-        *,
         state: str | None = None,
         outcomes: Mapping[str, HandlerOutcome] | None = None,
         attempt: Attempt | None = None,
