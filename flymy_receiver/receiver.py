@@ -225,6 +225,8 @@ class Receiver(Router):
 
     def handle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
         """Answer one delivery: verify, parse, dispatch to handlers, say which status."""
+        if self._telemetry.off:
+            return self._handle(body, headers, method)
         trace = self._telemetry.delivery(_size(body))
         if trace is not None:
             return self._telemetry.observe(trace, lambda: self._handle(body, headers, method))
@@ -249,6 +251,8 @@ class Receiver(Router):
 
         ``offload`` runs each blocking call (default ``asyncio.to_thread``; see
         :class:`~flymy_receiver.delivery.Offload`)."""
+        if self._telemetry.off:
+            return await self._ahandle(body, headers, method, offload)
         trace = self._telemetry.delivery(_size(body))
         if trace is not None:
             return await self._telemetry.aobserve(

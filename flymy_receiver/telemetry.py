@@ -60,9 +60,9 @@ _CURRENT: contextvars.ContextVar[DeliveryTrace | None] = contextvars.ContextVar(
 ENQUEUED_AT = "flymy-enqueued-at"
 
 
-def current() -> DeliveryTrace | None:
-    """The delivery traced in this context, if any (the plan's hooks read it)."""
-    return _CURRENT.get()
+#: The delivery traced in this context, if any (the plan's hooks read it): the context
+#: variable's own ``get``, called with no Python frame of ours on every delivery.
+current: Callable[[], DeliveryTrace | None] = _CURRENT.get
 
 
 class Telemetry:
@@ -74,6 +74,8 @@ class Telemetry:
 
     def __init__(self, api: _Api | None) -> None:
         self._api = api
+        #: No ``opentelemetry-api``: a delivery reads this one attribute and nothing more.
+        self.off = api is None
 
     @property
     def available(self) -> bool:

@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
@@ -107,7 +107,7 @@ class Claim:
 
     state: ClaimState
     token: str = ""
-    done_handlers: frozenset[str] = field(default_factory=frozenset)
+    done_handlers: frozenset[str] = frozenset()  # immutable: shared, no factory call
     retry_after: float = 0.0
     body: bytes | None = None  # claim_handler only: the stored body the handler runs on
     #: Journal stores: the entry's state before this claim ("" for a new entry or without a

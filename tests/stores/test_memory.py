@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tracemalloc
 
 import pytest
 
@@ -85,6 +87,24 @@ def test_the_journal_bodies_are_bounded_by_default_to_32_mib() -> None:
     assert first.body == big
     assert not first.body_dropped
     assert store._journal.bytes == len(big)
+
+
+def test_a_dropped_body_is_let_go_of_not_only_uncounted() -> None:
+    # The journal keeps the delivery's NewEntry as it arrived (no copy per delivery): once
+    # its body is dropped, nothing of the store may still hold those bytes.
+    store = MemoryStore(max_journal_bytes=1024 * 1024)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(40):  # 40 bodies of 256 KiB: 10 MiB through a 1 MiB bound
+            _journal(store, f"k{i}", "handled" if i % 2 else "failed", os.urandom(256 * 1024))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert store._journal.bytes <= 1024 * 1024
+    kept = [e for e in store.journal_list(limit=100) if not e.body_dropped]
+    assert 0 < len(kept) <= 4
+    assert held < 2 * 1024 * 1024  # the bound, plus the entries' small records
 
 
 def test_handled_and_ignored_bodies_are_dropped_first_never_a_claim() -> None:
