@@ -300,8 +300,11 @@ class DjangoTarget(_CloningTarget):
         self.table = models.JournalEntry._meta.db_table
         for model in (models.DeliveryClaim, models.HandlerRecord, models.JournalEntry):
             model.objects.all().delete()
+        self.claims = models.DeliveryClaim._meta.db_table
+        self.records = models.HandlerRecord._meta.db_table
         self.store = DjangoStore()
         self._template()
+        self._last_id = self._sql(f"SELECT max(id) FROM {self.table}")[0][0]  # noqa: S608
 
     def _sql(self, query: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self.connection.cursor() as cursor:
@@ -322,7 +325,7 @@ class DjangoTarget(_CloningTarget):
                 return f"strftime('%Y-%m-%d %H:%M:%f', {seconds}, 'unixepoch')"
             return seconds
 
-        return {
+        known = {
             "key": f"'run.completed:scale_' || {i}",
             "run_id": f"'scale_' || {i}",
             "event": EVENT.format(i=i),
@@ -334,6 +337,25 @@ class DjangoTarget(_CloningTarget):
             "expires": at("expires", f" + {retention}"),
             "lease_until": "0",
         }
+        # Digests of the run id or key, as the store writes them (``run_digest``): SQLite
+        # has no SHA-256, so the store's own function is registered on the connection.
+        for name in kinds:
+            source = "run_id" if "run" in name else "key"
+            if "digest" in name and source in known:
+                known[name] = f"{self._digest_function(name)}({known[source]})"
+        return known
+
+    def _digest_function(self, column: str) -> str:
+        """The name of a SQL function computing ``column`` as the store does."""
+        from flymy_receiver.django import reading
+
+        compute = {"run_digest": reading.run_digest}.get(column)
+        if compute is None:
+            raise RuntimeError(f"no known digest for column {column!r}: extend the filler")
+        self.connection.ensure_connection()
+        name = f"bench_{column}"
+        self.connection.connection.create_function(name, 1, compute, deterministic=True)
+        return name
 
     def fill(self, n: int) -> None:
         self._clone(0, n, time.time() - 30 * DAY, 30 * DAY / n, 60 * DAY)
@@ -351,6 +373,20 @@ class DjangoTarget(_CloningTarget):
             f"FROM {self.table} t, c WHERE t.key = %s",
             (first, first + n, self.template_key),
         )
+        # The idempotency records to match, as deliveries leave them: a done claim and the
+        # handler's record per key, expiring with the entry.
+        clones = f"FROM {self.table} WHERE id > %s"
+        self._sql(
+            f"INSERT OR REPLACE INTO {self.claims} (key, token, done, expires) "  # noqa: S608
+            f"SELECT key, '', 1, expires {clones}",
+            (self._last_id,),
+        )
+        self._sql(
+            f"INSERT OR REPLACE INTO {self.records} (key, handler, expires) "  # noqa: S608
+            f"SELECT key, 'benchmarks.handler', expires {clones}",
+            (self._last_id,),
+        )
+        self._last_id = self._sql(f"SELECT max(id) FROM {self.table}")[0][0]  # noqa: S608
 
 
 TARGETS: dict[str, type[Target]] = {
