@@ -168,6 +168,13 @@ class _CloningTarget(Target):
         return ", ".join(names), ", ".join(values)
 
 
+def _origin(first: int, start: float, step: float) -> float:
+    """When entry number 0 would be received for entry ``first`` to be received at
+    ``start``: the expressions count time from entry 0, and expired entries are numbered
+    from 10^9 (without this they were received decades ahead, and never expired)."""
+    return start - first * step
+
+
 def _run_id_of(body: bytes) -> str:
     import orjson
 
@@ -230,6 +237,7 @@ class PostgresTarget(_CloningTarget):
             if kinds.get("expires", "").startswith("timestamp")
             else f"({start} + {i} * {step} + {retention})",
             "lease_until": "0",
+            "retention": retention,
         }
         for name, kind in kinds.items():  # digests of the run id or key (issue 22, M6)
             source = "run_id" if "run" in name else "key"
@@ -248,8 +256,9 @@ class PostgresTarget(_CloningTarget):
 
     def _clone(self, first: int, n: int, start: float, step: float, retention: float) -> None:
         schema = self.store.schema  # type: ignore[attr-defined]
+        origin = _origin(first, start, step)
         names, values = self._select(
-            "g.i", f"{start!r}::float8", f"{step!r}::float8", f"{retention!r}::float8"
+            "g.i", f"{origin!r}::float8", f"{step!r}::float8", f"{retention!r}::float8"
         )
         values = values.replace("%", "%%")  # the modulo operator, not a placeholder
         self._sql(
@@ -336,6 +345,7 @@ class DjangoTarget(_CloningTarget):
             "updated_at": at("updated_at"),
             "expires": at("expires", f" + {retention}"),
             "lease_until": "0",
+            "retention": retention,
         }
         # Digests of the run id or key, as the store writes them (``run_digest``): SQLite
         # has no SHA-256, so the store's own function is registered on the connection.
@@ -366,7 +376,8 @@ class DjangoTarget(_CloningTarget):
         self._clone(first, k, time.time() - 90 * DAY, 1.0, DAY)
 
     def _clone(self, first: int, n: int, start: float, step: float, retention: float) -> None:
-        names, values = self._select("c.i", repr(start), repr(step), repr(retention))
+        origin = _origin(first, start, step)
+        names, values = self._select("c.i", repr(origin), repr(step), repr(retention))
         self._sql(
             "WITH RECURSIVE c(i) AS (SELECT %s UNION ALL SELECT i + 1 FROM c WHERE i + 1 < %s) "  # noqa: S608 (names from the catalog)
             f"INSERT INTO {self.table} ({names}) SELECT {values} "
