@@ -388,12 +388,12 @@ class DjangoTarget(_CloningTarget):
         # handler's record per key, expiring with the entry.
         clones = f"FROM {self.table} WHERE id > %s"
         self._sql(
-            f"INSERT OR REPLACE INTO {self.claims} (key, token, done, expires) "  # noqa: S608
+            f"INSERT OR REPLACE INTO {self.claims} (key, token, done, expires) "
             f"SELECT key, '', 1, expires {clones}",
             (self._last_id,),
         )
         self._sql(
-            f"INSERT OR REPLACE INTO {self.records} (key, handler, expires) "  # noqa: S608
+            f"INSERT OR REPLACE INTO {self.records} (key, handler, expires) "
             f"SELECT key, 'benchmarks.handler', expires {clones}",
             (self._last_id,),
         )
