@@ -280,7 +280,7 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
     token = claim.token
     outcomes: dict[str, HandlerOutcome] | None = {} if journal else None
     deferred: list[str] = []  # for the queue's workers, once the entry is durable
-    succeeded: set[str] = set()
+    succeeded: set[str] | None = set() if d.replay else None  # a replay checks what ran
     for handler in d.handlers:
         if handler.id in claim.done_handlers or handler.id in d.skip:
             continue
@@ -318,7 +318,8 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
             outcome = HandlerOutcome(ok=True, at=time.time())
         if outcomes is not None and outcome is not None:
             outcomes[handler.id] = outcome
-        succeeded.add(handler.id)
+        if succeeded is not None:
+            succeeded.add(handler.id)
         # Each handler that succeeded is recorded before the next one runs, so a failure
         # there never runs it again; the last one's record is the completion's (one round
         # trip fewer: DESIGN section 5).
@@ -333,7 +334,7 @@ def _deliver(host: Host, d: Delivery) -> _Plan:
     if deferred and outcomes is not None:  # the entry stays queued until they ran
         now = time.time()
         outcomes.update((name, _deferred.queued_outcome(now)) for name in deferred)
-    if d.replay and outcomes is not None and (not succeeded or d.failed - succeeded):
+    if succeeded is not None and outcomes is not None and (not succeeded or d.failed - succeeded):
         # Nothing ran, or a handler that failed before has none to run it now.
         return (yield from _ran_nothing(host, d, token, outcomes, started, clock))
     complete_args: tuple[Any, ...] = (d.key, token, retention_s)

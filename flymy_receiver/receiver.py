@@ -225,7 +225,7 @@ class Receiver(Router):
 
     def handle(self, body: bytes, headers: Headers = (), method: str = "POST") -> Response:
         """Answer one delivery: verify, parse, dispatch to handlers, say which status."""
-        if self._telemetry.off:
+        if not self._telemetry.wanted():
             return self._handle(body, headers, method)
         trace = self._telemetry.delivery(_size(body))
         if trace is not None:
@@ -251,7 +251,7 @@ class Receiver(Router):
 
         ``offload`` runs each blocking call (default ``asyncio.to_thread``; see
         :class:`~flymy_receiver.delivery.Offload`)."""
-        if self._telemetry.off:
+        if not self._telemetry.wanted():
             return await self._ahandle(body, headers, method, offload)
         trace = self._telemetry.delivery(_size(body))
         if trace is not None:

@@ -74,8 +74,12 @@ class Telemetry:
 
     def __init__(self, api: _Api | None) -> None:
         self._api = api
-        #: No ``opentelemetry-api``: a delivery reads this one attribute and nothing more.
-        self.off = api is None
+
+    def wanted(self) -> bool:
+        """Whether a delivery should be traced now: the API is installed and an application
+        configured a provider (checked on every delivery: one may be set at any time)."""
+        api = self._api
+        return api is not None and api.configured()
 
     @property
     def available(self) -> bool:

@@ -125,6 +125,11 @@ class MemoryStore:
         now = self._clock()
         with self._lock:
             claim = self._claim(key, lease, now, force)
+            if entry is not None and claim.token:  # acquired: the usual delivery
+                prior = self._journal.arrived(entry, lease)
+                if prior:
+                    claim.prior_state = prior
+                return claim
             if entry is None and not replay:
                 return claim
             prior = self._journal_claim(key, lease, entry, claim)
@@ -155,13 +160,12 @@ class MemoryStore:
         return Claim(ClaimState.ACQUIRED, token, self._handlers_done(key, now))
 
     def _journal_claim(self, key: str, lease: float, entry: NewEntry | None, claim: Claim) -> str:
-        """Journal a claim (``entry`` given: a delivery; else a replay); the prior state."""
+        """Journal a claim not acquired by a delivery (``entry`` given), or a replay's claim;
+        the prior state."""
         journal = self._journal
         now = journal.now()
         acquired = claim.state is ClaimState.ACQUIRED
         if entry is not None:
-            if acquired:  # the usual case: positional arguments, a little cheaper
-                return journal.delivered(entry, "pending", None, True, now + lease, now)
             if claim.state is ClaimState.DONE:
                 dup = Attempt(now, "sender", 200, "duplicate")
                 return journal.delivered(entry, "handled", dup, now=now)
@@ -216,7 +220,7 @@ class MemoryStore:
                         if outcome.deferred and outcome.state == "queued":
                             state = "queued"
                             break
-                self._journal.update(key, state=state, outcomes=outcomes, attempt=attempt)
+                self._journal.update(key, state, outcomes, attempt)
             self._claims.pop(key, None)
             self._handlers.pop(key, None)
             self._done.pop(key, None)  # re-inserted last, so eviction stays oldest-first

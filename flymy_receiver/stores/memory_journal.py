@@ -25,23 +25,19 @@ _SETTLED = frozenset({"handled", "ignored", "resolved"})
 
 
 class _Kept:
-    """One journal entry as the memory store keeps it."""
+    """One journal entry as the memory store keeps it.
 
-    __slots__ = (
-        "attempts",
-        "body",
-        "body_dropped",
-        "body_size",
-        "handlers",
-        "history",
-        "lease_until",
-        "leases",
-        "new",
-        "note",
-        "received_at",
-        "state",
-        "updated_at",
-    )
+    No ``__slots__``: what most entries never change is a class attribute until it is set,
+    so building one (once per delivery) sets six attributes rather than thirteen.
+    """
+
+    attempts = 1
+    history: list[Attempt] | None = None  # made on the first attempt recorded
+    note: str | None = None
+    lease_until = 0.0  # the delivery claim's end: a pending entry past it is stalled
+    leases: dict[str, tuple[str, float]] | None = None  # deferred handler -> (token, until)
+    body: bytes | None = None
+    body_dropped = False
 
     def __init__(self, new: NewEntry, state: str, now: float) -> None:
         # What arrived. Its ``body`` is the same bytes object as ``body`` below (no copy);
@@ -49,17 +45,9 @@ class _Kept:
         # Never read ``new.body``: ``body`` is the journal's.
         self.new = new
         self.state = state
-        self.attempts = 1
         self.received_at = self.updated_at = now
         self.handlers: dict[str, HandlerOutcome] = {}
-        # Made on the first attempt appended: most entries of a quiet journal have one.
-        self.history: list[Attempt] | None = None
-        self.note: str | None = None
-        self.lease_until = 0.0  # the delivery claim's end: a pending entry past it is stalled
-        self.leases: dict[str, tuple[str, float]] = {}  # deferred handler -> (token, until)
-        self.body: bytes | None = None
         self.body_size = len(new.body)
-        self.body_dropped = False
 
     def record(self, attempt: Attempt) -> None:
         if self.history is None:
@@ -175,6 +163,30 @@ class MemoryJournal:
 
     # -- writing --------------------------------------------------------------------------
 
+    def arrived(self, entry: NewEntry, lease: float) -> str:
+        """A delivery that acquired its claim for ``lease`` seconds: :meth:`delivered` for
+        a ``pending`` entry, with the usual case (a key the journal has not seen) written
+        out, as it runs on every delivery. Returns the state before ("" for a new entry)."""
+        key = entry.key
+        if key in self._entries:  # a retry, a replay's key, or an expired entry
+            now = self.now()
+            return self.delivered(entry, "pending", None, True, now + lease, now)
+        now = int(self._wall() * 1_000_000) / 1_000_000
+        kept = _Kept(entry, "pending", now)
+        kept.lease_until = now + lease
+        self._entries[key] = kept
+        if entry.run_id is not None:
+            self._by_run[entry.run_id] = key
+        size = kept.body_size
+        if self.bytes + size <= self.max_bytes:
+            kept.body = entry.body
+            self.bytes += size
+        else:
+            self._set_body(kept, entry.body)
+        if len(self._entries) > self.max_entries:
+            self._bound()
+        return ""
+
     def delivered(
         self,
         entry: NewEntry,
@@ -230,7 +242,6 @@ class MemoryJournal:
     def update(
         self,
         key: str,
-        *,
         state: str | None = None,
         outcomes: Mapping[str, HandlerOutcome] | None = None,
         attempt: Attempt | None = None,
@@ -287,6 +298,8 @@ class MemoryJournal:
         before = kept.handlers.get(handler)
         if before is not None and before.state == "ok":
             return Claim(ClaimState.DONE, prior_state=prior)
+        if kept.leases is None:
+            kept.leases = {}
         held = kept.leases.get(handler)
         if held is not None and held[1] > now:
             return Claim(ClaimState.BUSY, retry_after=held[1] - now, prior_state=prior)
@@ -311,11 +324,11 @@ class MemoryJournal:
         kept = self.find(key)
         if kept is None:
             return None
-        held = kept.leases.get(handler)
+        held = kept.leases.get(handler) if kept.leases is not None else None
         holds = held is not None and held[0] == token
         if not outcome.ok and not holds:
             return None  # a late worker: whoever holds the lease now records the run
-        if holds:
+        if holds and kept.leases is not None:
             del kept.leases[handler]
         kept.handlers[handler] = finished(outcome, kept.handlers.get(handler))
         kept.record(attempt)
