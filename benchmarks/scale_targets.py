@@ -168,6 +168,13 @@ class _CloningTarget(Target):
         return ", ".join(names), ", ".join(values)
 
 
+def _origin(first: int, start: float, step: float) -> float:
+    """When entry number 0 would be received for entry ``first`` to be received at
+    ``start``: the expressions count time from entry 0, and expired entries are numbered
+    from 10^9 (without this they were received decades ahead, and never expired)."""
+    return start - first * step
+
+
 def _run_id_of(body: bytes) -> str:
     import orjson
 
@@ -230,6 +237,7 @@ class PostgresTarget(_CloningTarget):
             if kinds.get("expires", "").startswith("timestamp")
             else f"({start} + {i} * {step} + {retention})",
             "lease_until": "0",
+            "retention": retention,
         }
         for name, kind in kinds.items():  # digests of the run id or key (issue 22, M6)
             source = "run_id" if "run" in name else "key"
@@ -248,8 +256,9 @@ class PostgresTarget(_CloningTarget):
 
     def _clone(self, first: int, n: int, start: float, step: float, retention: float) -> None:
         schema = self.store.schema  # type: ignore[attr-defined]
+        origin = _origin(first, start, step)
         names, values = self._select(
-            "g.i", f"{start!r}::float8", f"{step!r}::float8", f"{retention!r}::float8"
+            "g.i", f"{origin!r}::float8", f"{step!r}::float8", f"{retention!r}::float8"
         )
         values = values.replace("%", "%%")  # the modulo operator, not a placeholder
         self._sql(
@@ -300,8 +309,11 @@ class DjangoTarget(_CloningTarget):
         self.table = models.JournalEntry._meta.db_table
         for model in (models.DeliveryClaim, models.HandlerRecord, models.JournalEntry):
             model.objects.all().delete()
+        self.claims = models.DeliveryClaim._meta.db_table
+        self.records = models.HandlerRecord._meta.db_table
         self.store = DjangoStore()
         self._template()
+        self._last_id = self._sql(f"SELECT max(id) FROM {self.table}")[0][0]  # noqa: S608
 
     def _sql(self, query: str, args: tuple[Any, ...] = ()) -> list[Any]:
         with self.connection.cursor() as cursor:
@@ -322,7 +334,7 @@ class DjangoTarget(_CloningTarget):
                 return f"strftime('%Y-%m-%d %H:%M:%f', {seconds}, 'unixepoch')"
             return seconds
 
-        return {
+        known = {
             "key": f"'run.completed:scale_' || {i}",
             "run_id": f"'scale_' || {i}",
             "event": EVENT.format(i=i),
@@ -333,7 +345,27 @@ class DjangoTarget(_CloningTarget):
             "updated_at": at("updated_at"),
             "expires": at("expires", f" + {retention}"),
             "lease_until": "0",
+            "retention": retention,
         }
+        # Digests of the run id or key, as the store writes them (``run_digest``): SQLite
+        # has no SHA-256, so the store's own function is registered on the connection.
+        for name in kinds:
+            source = "run_id" if "run" in name else "key"
+            if "digest" in name and source in known:
+                known[name] = f"{self._digest_function(name)}({known[source]})"
+        return known
+
+    def _digest_function(self, column: str) -> str:
+        """The name of a SQL function computing ``column`` as the store does."""
+        from flymy_receiver.django import reading
+
+        compute = {"run_digest": reading.run_digest}.get(column)
+        if compute is None:
+            raise RuntimeError(f"no known digest for column {column!r}: extend the filler")
+        self.connection.ensure_connection()
+        name = f"bench_{column}"
+        self.connection.connection.create_function(name, 1, compute, deterministic=True)
+        return name
 
     def fill(self, n: int) -> None:
         self._clone(0, n, time.time() - 30 * DAY, 30 * DAY / n, 60 * DAY)
@@ -344,13 +376,28 @@ class DjangoTarget(_CloningTarget):
         self._clone(first, k, time.time() - 90 * DAY, 1.0, DAY)
 
     def _clone(self, first: int, n: int, start: float, step: float, retention: float) -> None:
-        names, values = self._select("c.i", repr(start), repr(step), repr(retention))
+        origin = _origin(first, start, step)
+        names, values = self._select("c.i", repr(origin), repr(step), repr(retention))
         self._sql(
             "WITH RECURSIVE c(i) AS (SELECT %s UNION ALL SELECT i + 1 FROM c WHERE i + 1 < %s) "  # noqa: S608 (names from the catalog)
             f"INSERT INTO {self.table} ({names}) SELECT {values} "
             f"FROM {self.table} t, c WHERE t.key = %s",
             (first, first + n, self.template_key),
         )
+        # The idempotency records to match, as deliveries leave them: a done claim and the
+        # handler's record per key, expiring with the entry.
+        clones = f"FROM {self.table} WHERE id > %s"
+        self._sql(
+            f"INSERT OR REPLACE INTO {self.claims} (key, token, done, expires) "
+            f"SELECT key, '', 1, expires {clones}",
+            (self._last_id,),
+        )
+        self._sql(
+            f"INSERT OR REPLACE INTO {self.records} (key, handler, expires) "
+            f"SELECT key, 'benchmarks.handler', expires {clones}",
+            (self._last_id,),
+        )
+        self._last_id = self._sql(f"SELECT max(id) FROM {self.table}")[0][0]  # noqa: S608
 
 
 TARGETS: dict[str, type[Target]] = {
