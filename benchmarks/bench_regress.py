@@ -60,9 +60,11 @@ def receiver(package: ModuleType, journal: bool) -> Any:
 
 
 def compare(packages: dict[str, ModuleType], label: str, journal: bool, rounds: int) -> None:
-    per_round = max(20, 500_000 // max(1, len(SIZES[label]())))
+    output = SIZES[label]()
+    size = len(distinct_bodies(output, 1)[0].body)
+    per_round = max(50, min(1000, 5_000_000 // size))  # 1 KB: 1,000 a round; 100 KB: 50
     receivers = {name: receiver(p, journal) for name, p in packages.items()}
-    bodies = distinct_bodies(SIZES[label](), per_round * len(receivers) * (rounds + 1))
+    bodies = distinct_bodies(output, per_round * len(receivers) * (rounds + 1))
     requests = [(s.body, list(s.headers.items())) for s in bodies]
     times: dict[str, list[float]] = {name: [] for name in receivers}
     names = list(receivers)
