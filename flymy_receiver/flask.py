@@ -34,16 +34,18 @@ def blueprint(
     @bp.route(url, methods=_METHODS, provide_automatic_options=False)
     def webhook() -> flask.Response:
         request = flask.request
+        # Each attribute of the request proxy costs a context lookup: read them once.
+        request_headers, method = request.headers, request.method
         # Only the headers the receiver reads, looked up directly (case-insensitive; WSGI
         # joins repeated lines): walking every header of the environ, which iterating or
         # getlist() does, cost more than the signature check.
-        found = ((name, request.headers.get(name)) for name in READ_HEADERS)
+        found = ((name, request_headers.get(name)) for name in READ_HEADERS)
         headers = [(name, value) for name, value in found if value is not None]
-        response = receiver.precheck(headers, request.method)
+        response = receiver.precheck(headers, method)
         if response is None:
             # The raw stream, never get_json()/form: the signature covers these exact bytes.
             body = read_limited(request.stream.read, receiver.max_body_size)
-            response = receiver.handle(body, headers, request.method)
+            response = receiver.handle(body, headers, method)
         return flask.Response(response.body, response.status, dict(response.headers))
 
     @bp.record_once

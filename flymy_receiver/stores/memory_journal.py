@@ -404,8 +404,8 @@ class MemoryJournal:
     def _bound(self) -> None:
         entries, settled = self._entries, self._settled
         while len(entries) > self.max_entries:
-            if settled:
-                self._forget(next(iter(settled)))
+            if settled:  # the oldest settled entry goes first (popitem: no iterator made)
+                self._forget(settled.popitem(last=False)[0])
                 continue
             key, kept = next(iter(self._entries.items()))
             logger.warning(
