@@ -23,18 +23,22 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .bodies import aread_limited
-from .receiver import Receiver
+from .receiver import READ_HEADERS, Receiver
 
 __all__ = ["api_router", "endpoint", "route"]
 
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+#: The headers the receiver reads, as ASGI names them (lowercase bytes).
+_READ = frozenset(name.lower().encode("ascii") for name in READ_HEADERS)
 
 
 def endpoint(receiver: Receiver) -> Callable[[Request], Awaitable[Response]]:
     """The ASGI endpoint function, for mounting it your own way."""
 
     async def webhook(request: Request) -> Response:
-        headers = request.headers.raw
+        # Only the lines the receiver reads (repeated ones kept), picked in one pass: the
+        # receiver looks at them twice (before the body and with it).
+        headers = [line for line in request.headers.raw if line[0] in _READ]
         response = receiver.precheck(headers, request.method)
         if response is None:
             body = await aread_limited(request.stream(), receiver.max_body_size)
