@@ -248,7 +248,7 @@ class MemoryJournal:
         lease_until: float | None = None,
     ) -> str | None:
         """Change a live entry; returns its state before (None: there is no such entry)."""
-        # The hot path of every completion: find, record and settle written out inline.
+        # The hot path of every completion: find and record written out inline.
         now = int(self._wall() * 1_000_000) / 1_000_000
         kept = self._entries.get(key)
         if kept is not None and kept.updated_at + kept.new.retention <= now:
@@ -268,15 +268,7 @@ class MemoryJournal:
             kept.lease_until = lease_until
         if state is not None:
             kept.state = state
-            if state in _SETTLED:  # newest settled last in the eviction orders
-                self._settled.pop(key, None)
-                self._settled[key] = None
-                self._settled_bodies.pop(key, None)
-                if kept.body is not None:
-                    self._settled_bodies[key] = None
-            elif prior in _SETTLED:
-                self._settled.pop(key, None)
-                self._settled_bodies.pop(key, None)
+            self._settle(kept)
         kept.updated_at = now
         return prior
 
