@@ -149,6 +149,36 @@ class _CloningTarget(Target):
 
     def _expressions(self, i: str, start: str, step: str, retention: str) -> dict[str, str]:
         """SQL per known column, for entry number ``i`` received at ``start + i * step``."""
+        kinds = dict(self._columns())
+
+        def at(name: str, offset: str = "") -> str:
+            return self._time(f"({start} + {i} * {step}{offset})", kinds.get(name, ""))
+
+        known = {
+            "key": f"'run.completed:scale_' || {i}",
+            "run_id": f"'scale_' || {i}",
+            "event": EVENT.format(i=i),
+            "agent_id": AGENT.format(i=i),
+            "state": STATE.format(i=i),
+            "attempts": "1",
+            "received_at": at("received_at"),
+            "updated_at": at("updated_at"),
+            "expires": at("expires", f" + {retention}"),
+            "lease_until": "0",
+            "retention": retention,
+        }
+        for name, kind in kinds.items():  # digests of the run id or key (issue 22, M6)
+            source = "run_id" if "run" in name else "key"
+            if ("hash" in name or "digest" in name) and source in known:
+                known[name] = self._digest(name, kind, known[source])
+        return known
+
+    def _time(self, seconds: str, kind: str) -> str:
+        """Epoch ``seconds`` (SQL) as a column of type ``kind`` holds them."""
+        raise NotImplementedError
+
+    def _digest(self, column: str, kind: str, source: str) -> str:
+        """SQL computing digest ``column`` of ``source`` as the store does."""
         raise NotImplementedError
 
     def _select(self, i: str, start: str, step: str, retention: str) -> tuple[str, str]:
@@ -215,36 +245,12 @@ class PostgresTarget(_CloningTarget):
             )
         ]
 
-    def _expressions(self, i: str, start: str, step: str, retention: str) -> dict[str, str]:
-        kinds = dict(self._columns())
+    def _time(self, seconds: str, kind: str) -> str:
+        return f"to_timestamp({seconds})" if kind.startswith("timestamp") else seconds
 
-        def at(offset: str) -> str:
-            seconds = f"({start} + {i} * {step}{offset})"
-            if kinds.get("received_at", "").startswith("timestamp"):
-                return f"to_timestamp({seconds})"
-            return seconds
-
-        known = {
-            "key": f"'run.completed:scale_' || {i}",
-            "run_id": f"'scale_' || {i}",
-            "event": EVENT.format(i=i),
-            "agent_id": AGENT.format(i=i),
-            "state": STATE.format(i=i),
-            "attempts": "1",
-            "received_at": at(""),
-            "updated_at": at(""),
-            "expires": at(f" + {retention}")
-            if kinds.get("expires", "").startswith("timestamp")
-            else f"({start} + {i} * {step} + {retention})",
-            "lease_until": "0",
-            "retention": retention,
-        }
-        for name, kind in kinds.items():  # digests of the run id or key (issue 22, M6)
-            source = "run_id" if "run" in name else "key"
-            if ("hash" in name or "digest" in name) and source in known:
-                digest = f"sha256(convert_to({known[source]}, 'UTF8'))"
-                known[name] = digest if kind == "bytea" else f"encode({digest}, 'hex')"
-        return known
+    def _digest(self, column: str, kind: str, source: str) -> str:
+        digest = f"sha256(convert_to({source}, 'UTF8'))"
+        return digest if kind == "bytea" else f"encode({digest}, 'hex')"
 
     def fill(self, n: int) -> None:
         self._clone(0, n, time.time() - 30 * DAY, 30 * DAY / n, 60 * DAY)
@@ -325,35 +331,15 @@ class DjangoTarget(_CloningTarget):
             (str(r[1]), str(r[2]).lower()) for r in self._sql(f"PRAGMA table_info({self.table})")
         ]
 
-    def _expressions(self, i: str, start: str, step: str, retention: str) -> dict[str, str]:
-        kinds = dict(self._columns())
+    def _time(self, seconds: str, kind: str) -> str:
+        if "date" in kind:
+            return f"strftime('%Y-%m-%d %H:%M:%f', {seconds}, 'unixepoch')"
+        return seconds
 
-        def at(name: str, offset: str = "") -> str:
-            seconds = f"({start} + {i} * {step}{offset})"
-            if "date" in kinds.get(name, ""):
-                return f"strftime('%Y-%m-%d %H:%M:%f', {seconds}, 'unixepoch')"
-            return seconds
-
-        known = {
-            "key": f"'run.completed:scale_' || {i}",
-            "run_id": f"'scale_' || {i}",
-            "event": EVENT.format(i=i),
-            "agent_id": AGENT.format(i=i),
-            "state": STATE.format(i=i),
-            "attempts": "1",
-            "received_at": at("received_at"),
-            "updated_at": at("updated_at"),
-            "expires": at("expires", f" + {retention}"),
-            "lease_until": "0",
-            "retention": retention,
-        }
-        # Digests of the run id or key, as the store writes them (``run_digest``): SQLite
-        # has no SHA-256, so the store's own function is registered on the connection.
-        for name in kinds:
-            source = "run_id" if "run" in name else "key"
-            if "digest" in name and source in known:
-                known[name] = f"{self._digest_function(name)}({known[source]})"
-        return known
+    def _digest(self, column: str, kind: str, source: str) -> str:
+        # As the store writes them (``run_digest``): SQLite has no SHA-256, so the store's
+        # own function is registered on the connection.
+        return f"{self._digest_function(column)}({source})"
 
     def _digest_function(self, column: str) -> str:
         """The name of a SQL function computing ``column`` as the store does."""
