@@ -57,6 +57,13 @@ _FULL_COLUMNS = (
     " j.note, " + _SIZE + ", j.body_dropped"
 )
 
+# The columns a new journal entry is written with (a delivery's claim, an ignored event).
+_ENTRY_COLUMNS = (
+    "key, event, run_id, agent_id, agent_name, state, attempts, received_at, updated_at,"
+    " retention, expires, body, headers, handlers, history, note, body_size, body_dropped,"
+    " lease_until, full_key"
+)
+
 # A claim: the deliveries row is always written back, so that RETURNING reports the row as
 # it is now (a claim that waited on another's lock sees that one's outcome, not its
 # snapshot's). A retry with the same token (the first try's answer was lost) finds its own
@@ -110,10 +117,9 @@ fits AS (
     SELECT {fits} AS ok
 ),
 entry AS (
-    INSERT INTO {s}.flymy_journal AS j (
-        key, event, run_id, agent_id, agent_name, state, attempts, received_at, updated_at,
-        retention, expires, body, headers, handlers, history, note, body_size, body_dropped,
-        lease_until, full_key)
+    INSERT INTO {s}.flymy_journal AS j ("""
+    + _ENTRY_COLUMNS
+    + """)
     SELECT %(key)s, %(event)s, %(run_id)s, %(agent_id)s, %(agent_name)s,
         CASE WHEN c.done AND NOT c.acquired THEN 'handled' ELSE 'pending' END,
         1, {now}, {now}, %(retention)s, {now} + %(retention)s,
@@ -282,15 +288,16 @@ SELECT (SELECT ok FROM settled), (SELECT count(*) FROM entry)
 
 # An event no handler wanted: a new entry is ignored; an existing one counts an attempt and
 # keeps its state and its body (a later delivery never hides a failed entry).
-_IGNORE = """
-WITH fits AS (
+_IGNORE = (
+    "WITH"  # noqa: S608 - our own SQL text; every value is a parameter
+    + """
+fits AS (
     SELECT {fits} AS ok
 ),
 entry AS (
-    INSERT INTO {s}.flymy_journal AS j (
-        key, event, run_id, agent_id, agent_name, state, attempts, received_at, updated_at,
-        retention, expires, body, headers, handlers, history, note, body_size, body_dropped,
-        lease_until, full_key)
+    INSERT INTO {s}.flymy_journal AS j ("""
+    + _ENTRY_COLUMNS
+    + """)
     SELECT %(key)s, %(event)s, %(run_id)s, %(agent_id)s, %(agent_name)s, 'ignored', 1,
         {now}, {now}, %(retention)s, {now} + %(retention)s,
         CASE WHEN f.ok THEN %(body)s::bytea END, %(headers)s, '{{}}', %(attempts)s, NULL,
@@ -325,6 +332,7 @@ notified AS ({notify})
 SELECT (SELECT count(*) FROM entry), (SELECT count(*) FROM counted),
     (SELECT count(*) FROM notified)
 """
+)
 
 _RESOLVE = """
 UPDATE {s}.flymy_journal SET state = 'resolved', note = %(note)s, lease_until = 0,
