@@ -125,11 +125,6 @@ class MemoryStore:
         now = self._clock()
         with self._lock:
             claim = self._claim(key, lease, now, force)
-            if entry is not None and claim.token:  # acquired: the usual delivery
-                prior = self._journal.arrived(entry, lease)
-                if prior:
-                    claim.prior_state = prior
-                return claim
             if entry is None and not replay:
                 return claim
             prior = self._journal_claim(key, lease, entry, claim)
@@ -155,17 +150,16 @@ class MemoryStore:
         if force:
             self._handlers.pop(key, None)
             return Claim(ClaimState.ACQUIRED, token)
-        if not self._handlers:  # no event has a handler recorded on its own: the usual case
-            return Claim(ClaimState.ACQUIRED, token)
         return Claim(ClaimState.ACQUIRED, token, self._handlers_done(key, now))
 
     def _journal_claim(self, key: str, lease: float, entry: NewEntry | None, claim: Claim) -> str:
-        """Journal a claim not acquired by a delivery (``entry`` given), or a replay's claim;
-        the prior state."""
+        """Journal a claim (``entry`` given: a delivery; else a replay); the prior state."""
         journal = self._journal
         now = journal.now()
         acquired = claim.state is ClaimState.ACQUIRED
         if entry is not None:
+            if acquired:
+                return journal.delivered(entry, "pending", None, True, now + lease, now)
             if claim.state is ClaimState.DONE:
                 dup = Attempt(now, "sender", 200, "duplicate")
                 return journal.delivered(entry, "handled", dup, now=now)
@@ -215,11 +209,8 @@ class MemoryStore:
             if outcomes is not None or attempt is not None:
                 state = None
                 if outcomes is not None:
-                    state = "handled"
-                    for outcome in outcomes.values():
-                        if outcome.deferred and outcome.state == "queued":
-                            state = "queued"
-                            break
+                    queued = any(o.deferred and o.state == "queued" for o in outcomes.values())
+                    state = "queued" if queued else "handled"
                 self._journal.update(key, state, outcomes, attempt)
             self._claims.pop(key, None)
             self._handlers.pop(key, None)

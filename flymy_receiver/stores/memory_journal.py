@@ -163,30 +163,6 @@ class MemoryJournal:
 
     # -- writing --------------------------------------------------------------------------
 
-    def arrived(self, entry: NewEntry, lease: float) -> str:
-        """A delivery that acquired its claim for ``lease`` seconds: :meth:`delivered` for
-        a ``pending`` entry, with the usual case (a key the journal has not seen) written
-        out, as it runs on every delivery. Returns the state before ("" for a new entry)."""
-        key = entry.key
-        if key in self._entries:  # a retry, a replay's key, or an expired entry
-            now = self.now()
-            return self.delivered(entry, "pending", None, True, now + lease, now)
-        now = int(self._wall() * 1_000_000) / 1_000_000
-        kept = _Kept(entry, "pending", now)
-        kept.lease_until = now + lease
-        self._entries[key] = kept
-        if entry.run_id is not None:
-            self._by_run[entry.run_id] = key
-        size = kept.body_size
-        if self.bytes + size <= self.max_bytes:
-            kept.body = entry.body
-            self.bytes += size
-        else:
-            self._set_body(kept, entry.body)
-        if len(self._entries) > self.max_entries:
-            self._bound()
-        return ""
-
     def delivered(
         self,
         entry: NewEntry,
@@ -203,21 +179,13 @@ class MemoryJournal:
         state before ("" for a new entry)."""
         if now is None:
             now = self.now()
-        kept = self._entries.get(entry.key)
-        if kept is not None and kept.updated_at + kept.new.retention <= now:
-            self._forget(entry.key)  # expired: a new entry
-            kept = None
+        kept = self.find(entry.key, now)  # an expired entry starts afresh
         if kept is None:
             kept = _Kept(entry, state, now)
             self._entries[entry.key] = kept
             if entry.run_id is not None:
                 self._by_run[entry.run_id] = entry.key
-            size = kept.body_size
-            if self.bytes + size <= self.max_bytes:  # the common case, inline
-                kept.body = entry.body
-                self.bytes += size
-            else:
-                self._set_body(kept, entry.body)
+            self._set_body(kept, entry.body)
             if state in _SETTLED:  # a new entry is in no eviction order yet
                 self._settle(kept)
             prior = ""
@@ -248,22 +216,15 @@ class MemoryJournal:
         lease_until: float | None = None,
     ) -> str | None:
         """Change a live entry; returns its state before (None: there is no such entry)."""
-        # The hot path of every completion: find and record written out inline.
-        now = int(self._wall() * 1_000_000) / 1_000_000
-        kept = self._entries.get(key)
-        if kept is not None and kept.updated_at + kept.new.retention <= now:
-            self._forget(key)
-            kept = None
+        now = self.now()
+        kept = self.find(key, now)
         if kept is None:  # forgotten meanwhile (bounded journal): nothing to update
             return None
         prior = kept.state
         if outcomes:
             kept.handlers.update(outcomes)
         if attempt is not None:
-            if kept.history is None:
-                kept.history = [attempt]
-            else:
-                kept.record(attempt)
+            kept.record(attempt)
         if lease_until is not None:
             kept.lease_until = lease_until
         if state is not None:
