@@ -71,7 +71,14 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[Any]:
 
 
 def wait_for(driver: Any, condition: Any, message: str = "") -> Any:
-    """Wait (at most :data:`WAIT_S`) until ``condition(driver)`` is truthy; return it."""
+    """Wait (at most :data:`WAIT_S`) until ``condition(driver)`` is truthy; return it.
+
+    A condition that reads the page while a click's navigation replaces it may hold an
+    element of the old page: that poll is stale, and the next one reads the new page."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(condition, message)
+    wait = WebDriverWait(
+        driver, WAIT_S, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+    )
+    return wait.until(condition, message)
