@@ -466,3 +466,29 @@ def test_after_a_restart_the_first_call_works_on_fresh_connections(
     assert store.claim("after", 30).state is ClaimState.ACQUIRED
     assert store.claim("before-0", 30).state is ClaimState.BUSY  # the data outlived the restart
     store.close()
+
+
+# -- statements sent with the server's own placeholders --------------------------------------
+
+
+def test_named_placeholders_become_numbered_ones_each_name_once() -> None:
+    from flymy_receiver.stores.postgres_pool import native
+
+    text, names = native("SELECT %(a)s, %(b)s, %(a)s::text, '100%%' WHERE %(b)s")
+    assert text == b"SELECT $1, $2, $1::text, '100%' WHERE $2"
+    assert names == ("a", "b")
+    assert native("SELECT 1") == (b"SELECT 1", ())
+    with pytest.raises(ValueError, match="lone %"):
+        native("SELECT 5 % 2")
+
+
+def test_every_statement_of_the_store_has_its_placeholders_numbered(server: PostgresServer) -> None:
+    from flymy_receiver.stores.postgres_pool import native
+
+    store = _store(server)
+    for name in type(store._q).__slots__:
+        text, names = native(getattr(store._q, name))
+        assert b"%(" not in text, name
+        assert len(names) == len(set(names)), name
+        assert all(f"${n}".encode() in text for n in range(1, len(names) + 1)), name
+    store.close()

@@ -255,7 +255,7 @@ def test_l2_a_pending_entry_past_its_lease_is_stalled_and_listed_as_failed(
 # -- L10: any schema name ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("schema", ["100%", "x%(key)s", 'a"b', "Ünïcode schema"])
+@pytest.mark.parametrize("schema", ["100%", "x%(key)s", 'a"b', "Ünïcode schema", "x$1 $2"])
 def test_l10_any_schema_name_the_constructor_accepts_works(
     server: PostgresServer, schema: str
 ) -> None:
