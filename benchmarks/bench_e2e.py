@@ -110,15 +110,17 @@ def compare(
     rounds: int,
     per_round: int,
     deadline: float,
+    database: int | None = None,
 ) -> dict[str, list[float]]:
     """Requests per second of two endpoints of one server, one sample per round each
     (alternating rounds: round ``r`` of both endpoints ran back to back). Also, under
     ``"<path> cpu"``, the server's CPU microseconds per request in each round (Linux): what
-    a busy machine disturbs least."""
+    a busy machine disturbs least; with ``database`` (the PID of a PostgreSQL postmaster),
+    the CPU microseconds per request of it and its server processes under ``"<path> db"``."""
     port = free_port()
     signed = distinct_bodies(SIZES[label](), (rounds + 1) * per_round * 2)
     batches = [signed[i : i + per_round] for i in range(0, len(signed), per_round)]
-    samples: dict[str, list[float]] = {key: [] for p in paths for key in (p, f"{p} cpu")}
+    samples: dict[str, list[float]] = {key: [] for p in paths for key in (p, f"{p} cpu", f"{p} db")}
     with serve(_bind(argv, port), port, env=env, cwd=ROOT) as server:
         for r in range(rounds + 1):  # round 0 warms both endpoints up, and is not counted
             order = paths if r % 2 == 0 else paths[::-1]
@@ -126,8 +128,10 @@ def compare(
                 batch = batches[2 * r + i]
                 requests = [raw_request(path, s) for s in batch]
                 cpu_before = _cpu_seconds(server.pid)
+                db_before = _tree_cpu(database) if database else {}
                 answered, seconds, unexpected = _load_in_child(port, requests, deadline)
                 cpu = _cpu_seconds(server.pid) - cpu_before
+                db = _cpu_since(db_before, _tree_cpu(database)) if database else 0.0
                 if unexpected or answered != len(requests):
                     raise RuntimeError(
                         f"{argv[2:4]} {path}: {answered}/{len(requests)} answered, "
@@ -136,6 +140,7 @@ def compare(
                 if r:
                     samples[path].append(answered / seconds)
                     samples[f"{path} cpu"].append(cpu / answered * 1e6)
+                    samples[f"{path} db"].append(db / answered * 1e6)
     return samples
 
 
@@ -157,6 +162,31 @@ def _cpu_seconds(group: int) -> float:
     return total / ticks
 
 
+def _tree_cpu(root: int) -> dict[int, float]:
+    """User + system CPU seconds of ``root`` and of each of its child processes (a
+    PostgreSQL postmaster and its server processes, each of which is a session of its own)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(entry) == root or int(fields[1]) == root:  # fields: state, ppid, ...
+            found[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def _cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two :func:`_tree_cpu` readings (a process that started in
+    between counts whole; one that ended in between is lost, which a pool's long-lived
+    connections make rare)."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
 POSTGRES_APP = [
     sys.executable, "-m", "gunicorn", "-w", "1", "--log-level", "warning",
     "benchmarks.apps.postgres_app:app",
@@ -170,8 +200,11 @@ def durable(label: str, rounds: int, per_round: int, deadline: float) -> None:
     from benchmarks.latency_proxy import LatencyProxy
     from tests.postgres_server import running_postgres
 
-    print(f"| {label} bodies, PostgreSQL | ours req/s | hand-written req/s | ratio | target |")
-    print("|---|---:|---:|---:|---|")
+    print(
+        f"| {label} bodies, PostgreSQL | ours req/s | hand-written req/s | ratio | target"
+        " | app CPU µs/req, ours / hand | database CPU µs/req, ours / hand |"
+    )
+    print("|---|---:|---:|---:|---|---:|---:|")
     with running_postgres() as server:
         for delay in (0.0, 0.0005):
             with LatencyProxy("127.0.0.1", server.port, delay=delay) as proxy:
@@ -180,11 +213,24 @@ def durable(label: str, rounds: int, per_round: int, deadline: float) -> None:
                 url = f"postgresql://postgres@127.0.0.1:{port}/{database}"
                 env = {"BENCH_PG_URL": url}
                 samples = compare(
-                    POSTGRES_APP, env, (OURS, HAND), label, rounds, per_round, deadline
+                    POSTGRES_APP,
+                    env,
+                    (OURS, HAND),
+                    label,
+                    rounds,
+                    per_round,
+                    deadline,
+                    database=server.proc.pid if server.proc else None,
                 )
-            ours, hand = statistics.median(samples[OURS]), statistics.median(samples[HAND])
+            med = {key: statistics.median(values) for key, values in samples.items()}
+            ours, hand = med[OURS], med[HAND]
             name = f"Flask (gunicorn), {2000 * delay:g} ms per round trip"
-            print(f"| {name} | {ours:,.0f} | {hand:,.0f} | {ours / hand:.2f} | ≥ 0.9 |", flush=True)
+            print(
+                f"| {name} | {ours:,.0f} | {hand:,.0f} | {ours / hand:.2f} | ≥ 0.9"
+                f" | {med[OURS + ' cpu']:,.0f} / {med[HAND + ' cpu']:,.0f}"
+                f" | {med[OURS + ' db']:,.0f} / {med[HAND + ' db']:,.0f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
