@@ -105,7 +105,7 @@ def measure(name: str, label: str, rounds: int, per_round: int, deadline: float)
 def compare(
     argv: list[str],
     env: dict[str, str] | None,
-    paths: tuple[str, str],
+    paths: tuple[str, ...],
     label: str,
     rounds: int,
     per_round: int,
@@ -118,14 +118,14 @@ def compare(
     a busy machine disturbs least; with ``database`` (the PID of a PostgreSQL postmaster),
     the CPU microseconds per request of it and its server processes under ``"<path> db"``."""
     port = free_port()
-    signed = distinct_bodies(SIZES[label](), (rounds + 1) * per_round * 2)
+    signed = distinct_bodies(SIZES[label](), (rounds + 1) * per_round * len(paths))
     batches = [signed[i : i + per_round] for i in range(0, len(signed), per_round)]
     samples: dict[str, list[float]] = {key: [] for p in paths for key in (p, f"{p} cpu", f"{p} db")}
     with serve(_bind(argv, port), port, env=env, cwd=ROOT) as server:
         for r in range(rounds + 1):  # round 0 warms both endpoints up, and is not counted
             order = paths if r % 2 == 0 else paths[::-1]
             for i, path in enumerate(order):
-                batch = batches[2 * r + i]
+                batch = batches[len(paths) * r + i]
                 requests = [raw_request(path, s) for s in batch]
                 cpu_before = _cpu_seconds(server.pid)
                 db_before = _tree_cpu(database) if database else {}
@@ -193,18 +193,24 @@ POSTGRES_APP = [
 ]  # fmt: skip
 
 
+NO_JOURNAL = "/webhooks/flymy-no-journal"
+
+
 def durable(label: str, rounds: int, per_round: int, deadline: float) -> None:
-    """Our receiver on PostgresStore against the hand-written durable endpoint (the same
-    Flask server, the same database), straight and through a proxy that adds 0.5 ms to
-    every message each way (1 ms per round trip: a database next door)."""
+    """Our receiver on PostgresStore, the same with ``journal=False``, and the hand-written
+    durable endpoint (the same Flask server, the same database), straight and through a proxy
+    that adds 0.5 ms to every message each way (1 ms per round trip: a database next door).
+    Each row: requests per second, its ratio to the hand-written endpoint's, and the CPU per
+    request of the application's server and of PostgreSQL's server processes."""
     from benchmarks.latency_proxy import LatencyProxy
     from tests.postgres_server import running_postgres
 
+    endpoints = {OURS: "ours", NO_JOURNAL: "ours, journal=False", HAND: "hand-written"}
     print(
-        f"| {label} bodies, PostgreSQL | ours req/s | hand-written req/s | ratio | target"
-        " | app CPU µs/req, ours / hand | database CPU µs/req, ours / hand |"
+        f"| {label} bodies, PostgreSQL | endpoint | req/s | ratio to hand-written | target"
+        " | app CPU µs/req | database CPU µs/req |"
     )
-    print("|---|---:|---:|---:|---|---:|---:|")
+    print("|---|---|---:|---:|---|---:|---:|")
     with running_postgres() as server:
         for delay in (0.0, 0.0005):
             with LatencyProxy("127.0.0.1", server.port, delay=delay) as proxy:
@@ -215,7 +221,7 @@ def durable(label: str, rounds: int, per_round: int, deadline: float) -> None:
                 samples = compare(
                     POSTGRES_APP,
                     env,
-                    (OURS, HAND),
+                    tuple(endpoints),
                     label,
                     rounds,
                     per_round,
@@ -223,14 +229,14 @@ def durable(label: str, rounds: int, per_round: int, deadline: float) -> None:
                     database=server.proc.pid if server.proc else None,
                 )
             med = {key: statistics.median(values) for key, values in samples.items()}
-            ours, hand = med[OURS], med[HAND]
-            name = f"Flask (gunicorn), {2000 * delay:g} ms per round trip"
-            print(
-                f"| {name} | {ours:,.0f} | {hand:,.0f} | {ours / hand:.2f} | ≥ 0.9"
-                f" | {med[OURS + ' cpu']:,.0f} / {med[HAND + ' cpu']:,.0f}"
-                f" | {med[OURS + ' db']:,.0f} / {med[HAND + ' db']:,.0f} |",
-                flush=True,
-            )
+            setting = f"Flask (gunicorn), {2000 * delay:g} ms per round trip"
+            for path, name in endpoints.items():
+                target = "≥ 0.9" if path == OURS else "-"
+                print(
+                    f"| {setting} | {name} | {med[path]:,.0f} | {med[path] / med[HAND]:.2f}"
+                    f" | {target} | {med[path + ' cpu']:,.0f} | {med[path + ' db']:,.0f} |",
+                    flush=True,
+                )
 
 
 def main() -> None:

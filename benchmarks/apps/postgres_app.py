@@ -1,8 +1,9 @@
 """Flask on PostgreSQL: ``gunicorn benchmarks.apps.postgres_app:app`` (``BENCH_PG_URL``).
 
-Two durable endpoints on the same server and database: this library's receiver on
+Durable endpoints on the same server and database: this library's receiver on
 :class:`~flymy_receiver.stores.PostgresStore` (claim + journal entry, the handler, the
-completion), and what a careful user writes by hand: verify, ``INSERT ... ON CONFLICT DO
+completion), the same with ``journal=False`` (``/webhooks/flymy-no-journal``: idempotency
+records only), and what a careful user writes by hand: verify, ``INSERT ... ON CONFLICT DO
 NOTHING`` on the run id, the handler, an ``UPDATE`` when done (no journal, no leases).
 """
 
@@ -26,6 +27,14 @@ SCHEMA = f"bench_{uuid.uuid4().hex[:12]}"
 app = Flask(__name__)
 app.register_blueprint(
     blueprint(make_receiver(store=PostgresStore(URL, schema=SCHEMA)), url="/webhooks/flymy")
+)
+# The same receiver without its journal (idempotency records only): what the journal costs.
+app.register_blueprint(
+    blueprint(
+        make_receiver(store=PostgresStore(URL, schema=SCHEMA + "_nj"), journal=False),
+        url="/webhooks/flymy-no-journal",
+        name="flymy_no_journal",
+    )
 )
 
 _pool: ConnectionPool[Any] = ConnectionPool(
