@@ -74,7 +74,7 @@ def _load_in_child(port: int, requests: list[bytes], deadline: float) -> Result:
     receive, send = context.Pipe(duplex=False)
 
     def child() -> None:
-        if PIN:
+        if LOAD_CPU is not None:
             os.sched_setaffinity(0, {LOAD_CPU})
         send.send(run_load(port, requests, deadline=deadline))
 
