@@ -112,8 +112,9 @@ def compare(
     deadline: float,
     database: int | None = None,
 ) -> dict[str, list[float]]:
-    """Requests per second of two endpoints of one server, one sample per round each
-    (alternating rounds: round ``r`` of both endpoints ran back to back). Also, under
+    """Requests per second of the endpoints ``paths`` of one server, one sample per round
+    each (round ``r`` of every endpoint ran back to back, in an order reversed every other
+    round). Also, under
     ``"<path> cpu"``, the server's CPU microseconds per request in each round (Linux): what
     a busy machine disturbs least; with ``database`` (the PID of a PostgreSQL postmaster),
     the CPU microseconds per request of it and its server processes under ``"<path> db"``."""
@@ -122,7 +123,7 @@ def compare(
     batches = [signed[i : i + per_round] for i in range(0, len(signed), per_round)]
     samples: dict[str, list[float]] = {key: [] for p in paths for key in (p, f"{p} cpu", f"{p} db")}
     with serve(_bind(argv, port), port, env=env, cwd=ROOT) as server:
-        for r in range(rounds + 1):  # round 0 warms both endpoints up, and is not counted
+        for r in range(rounds + 1):  # round 0 warms every endpoint up, and is not counted
             order = paths if r % 2 == 0 else paths[::-1]
             for i, path in enumerate(order):
                 batch = batches[len(paths) * r + i]
