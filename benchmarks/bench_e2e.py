@@ -20,6 +20,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from benchmarks.load import raw_request, run_load
@@ -145,11 +146,10 @@ def compare(
     return samples
 
 
-def _cpu_seconds(group: int) -> float:
-    """User + system CPU seconds of every process in the process group ``group`` (the
-    server and its workers; 0.0 where /proc is not there)."""
+def _processes() -> Iterator[tuple[int, int, int, float]]:
+    """Each process as (pid, parent pid, process group, user + system CPU seconds), from
+    /proc (nothing where /proc is not there)."""
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
             continue
@@ -158,27 +158,25 @@ def _cpu_seconds(group: int) -> float:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
             continue  # gone meanwhile
-        if int(fields[2]) == group:  # fields after "(comm)": state, ppid, pgrp, ...
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / ticks
+        # fields after "(comm)": state, ppid, pgrp, ...; utime and stime at 11 and 12
+        yield (
+            int(entry),
+            int(fields[1]),
+            int(fields[2]),
+            (int(fields[11]) + int(fields[12])) / ticks,
+        )
+
+
+def _cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of every process in the process group ``group`` (the
+    server and its workers)."""
+    return sum(cpu for _, _, pgrp, cpu in _processes() if pgrp == group)
 
 
 def _tree_cpu(root: int) -> dict[int, float]:
     """User + system CPU seconds of ``root`` and of each of its child processes (a
     PostgreSQL postmaster and its server processes, each of which is a session of its own)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    found: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(entry) == root or int(fields[1]) == root:  # fields: state, ppid, ...
-            found[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
-    return found
+    return {pid: cpu for pid, ppid, _, cpu in _processes() if root in (pid, ppid)}
 
 
 def _cpu_since(before: dict[int, float], after: dict[int, float]) -> float:
