@@ -372,9 +372,7 @@ class MemoryJournal:
 
     def _forget(self, key: str) -> None:
         kept = self._entries.pop(key)
-        if kept.body is not None:
-            self.bytes -= len(kept.body)
-            self._settled_bodies.pop(key, None)
+        self._drop_body(kept, dropped=False)
         self._settled.pop(key, None)
         run_id = kept.new.run_id
         if run_id is not None and self._by_run.get(run_id) == key:
