@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -30,13 +32,33 @@ def redis_binary() -> str:
     return path
 
 
+#: A cluster node also listens on its port + 10000 (the cluster bus), so its port must be
+#: 55535 or less; the kernel's free ports reach 60999.
+_CLUSTER_BUS_OFFSET, _CLUSTER_PORT_MAX = 10_000, 55_535
+
+
+def cluster_port() -> int:
+    """A free port for a cluster node whose bus port (+10000) is free too (bounded tries)."""
+    for _ in range(200):
+        port = random.randint(20_000, _CLUSTER_PORT_MAX)
+        with socket.socket() as node, socket.socket() as bus:
+            try:
+                node.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + _CLUSTER_BUS_OFFSET))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a Redis cluster node")
+
+
 class RedisServer:
     """One redis-server process that can be killed and started again on the same port."""
 
     def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.binary = redis_binary()
         self.extra_args = list(extra_args)
-        self.port = port or free_port()
+        cluster = "--cluster-enabled" in self.extra_args
+        self.port = port or (cluster_port() if cluster else free_port())
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._running: contextlib.ExitStack | None = None
         self.proc: subprocess.Popen[bytes] | None = None
